@@ -1,0 +1,168 @@
+"""The frozen codec: loading SNAC checkpoints, its geometry, its fingerprint.
+
+Everything rate-like (hop, code strides, the 48 kHz hop) is derived here from the
+loaded config; nothing else in the package hard-codes them.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from snac import SNAC
+from snac.layers import NoiseBlock
+
+SNAC_KEYS = ("sampling_rate", "encoder_dim", "encoder_rates", "latent_dim", "decoder_dim",
+             "decoder_rates", "attn_window_size", "codebook_size", "codebook_dim", "vq_strides",
+             "noise", "depthwise")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Time geometry of a codec, all derived from its config.
+
+    Code frame t of codebook i covers codec-rate samples [t*s_i*hop, (t+1)*s_i*hop) and
+    target-rate samples [t*s_i*hop_target, (t+1)*s_i*hop_target)."""
+    codec_rate: int
+    target_rate: int
+    hop: int            # codec-rate samples per finest code frame
+    hop_target: int     # target-rate samples per finest code frame
+    strides: tuple      # per codebook, in finest frames (SNAC's vq_strides)
+    pad_to: int         # SNAC pads inputs to a multiple of this many codec-rate samples
+    codebook_size: int
+
+    @property
+    def coarsest(self) -> int:
+        return max(self.strides)
+
+    @property
+    def n_codebooks(self) -> int:
+        return len(self.strides)
+
+    def frames(self, n_codec_samples: int) -> int:
+        """Finest-codebook frames SNAC produces for an input of this length."""
+        return math.ceil(n_codec_samples / self.pad_to) * self.pad_to // self.hop
+
+
+def geometry(model_or_config, target_rate: int = 48000) -> Geometry:
+    cfg = model_or_config if isinstance(model_or_config, dict) else snac_config(model_or_config)
+    rate = int(cfg["sampling_rate"])
+    hop = int(np.prod(cfg["encoder_rates"]))
+    strides = tuple(int(s) for s in cfg["vq_strides"])
+    if (hop * target_rate) % rate:
+        raise ValueError(f"target rate {target_rate} is not a whole number of samples per codec hop "
+                         f"({hop} samples at {rate} Hz)")
+    pad_to = hop * math.lcm(strides[0], cfg.get("attn_window_size") or 1)
+    return Geometry(rate, int(target_rate), hop, hop * target_rate // rate, strides, pad_to,
+                    int(cfg["codebook_size"]))
+
+
+def snac_config(model: SNAC) -> dict:
+    """The constructor kwargs of a SNAC instance (what goes into config.json)."""
+    return {
+        "sampling_rate": int(model.sampling_rate), "encoder_dim": int(model.encoder_dim),
+        "encoder_rates": [int(r) for r in model.encoder_rates], "latent_dim": int(model.latent_dim),
+        "decoder_dim": int(model.decoder_dim), "decoder_rates": [int(r) for r in model.decoder_rates],
+        "attn_window_size": model.attn_window_size, "codebook_size": int(model.codebook_size),
+        "codebook_dim": int(model.codebook_dim), "vq_strides": [int(s) for s in model.vq_strides],
+        "noise": any(isinstance(m, NoiseBlock) for m in model.decoder.modules()),
+        "depthwise": model.encoder.block[1].block[0].block[1].groups > 1,
+    }
+
+
+def state_digest(state_dict: dict) -> str:
+    """sha256 over names, dtypes, shapes and bytes: the same for .bin and .safetensors copies."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def read_state_dict(folder: Path) -> dict:
+    folder = Path(folder)
+    if (folder / "model.safetensors").exists():
+        from safetensors.torch import load_file
+        return load_file(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").exists():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin "
+                            "(expected the official SNAC layout: config.json + pytorch_model.bin)")
+
+
+def load_codec(folder, device="cpu") -> SNAC:
+    """Load a SNAC checkpoint folder (official `config.json` + `pytorch_model.bin`, or
+    `config.json` + `model.safetensors`), strictly, frozen, in eval mode."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"codec folder {folder} has no config.json")
+    cfg = json.loads((folder / "config.json").read_text())
+    unknown = set(cfg) - set(SNAC_KEYS)
+    if unknown:
+        raise ValueError(f"{folder}/config.json: keys SNAC does not take: {sorted(unknown)}")
+    model = SNAC(**cfg)
+    model.load_state_dict(read_state_dict(folder), strict=True)
+    return freeze(model).to(device)
+
+
+def save_codec(model: SNAC, folder, official: bool = False) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(snac_config(model), indent=2) + "\n")
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if official:
+        torch.save(sd, folder / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+        save_file(sd, folder / "model.safetensors")
+    return folder
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_codec(config: dict, seed: int) -> SNAC:
+    """A SNAC from constructor kwargs with a fixed seed (the demo codec's starting point)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SNAC(**config)
+
+
+def codec_digest(model: SNAC) -> str:
+    return state_digest(model.state_dict())
+
+
+@contextlib.contextmanager
+def noise_disabled(model: torch.nn.Module):
+    """Turn SNAC's NoiseBlocks into identities (deterministic decoding), restoring them after."""
+    blocks = [m for m in model.modules() if isinstance(m, NoiseBlock)]
+    for b in blocks:
+        b.forward = lambda x: x
+    try:
+        yield model
+    finally:
+        for b in blocks:
+            del b.forward
+
+
+def fingerprint(model: SNAC, target_rate: int, cache_format: int) -> dict:
+    g = geometry(model, target_rate)
+    d = asdict(g)
+    d["strides"] = list(g.strides)
+    return {"cache_format": cache_format, "codec_digest": codec_digest(model), **d}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

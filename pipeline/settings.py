@@ -1,0 +1,64 @@
+"""Effective settings of each job, computed from the config (no torch import: the Snakefile
+uses this at parse time, and what it returns is what Snakemake records as `params`).
+
+A phase's settings are: code defaults <- `train.defaults` <- `train.<phase>`. Passing the
+merged dict as a param means changing one phase's hyperparameter reruns exactly that phase (and,
+through their inputs, the phases after it).
+"""
+from __future__ import annotations
+
+import copy
+
+PHASES = ("warmup", "full", "lora")
+
+TRAIN_DEFAULTS = {
+    "steps": 1000, "batch_size": 32, "grad_accum": 1, "segment_seconds": 4.0,
+    "lr": 1e-5, "lr_min_ratio": 0.1, "warmup_steps": 100, "betas": [0.8, 0.99],
+    "weight_decay": 0.01, "grad_clip": 1.0, "seed": 0,
+    "val_every": 200, "val_batches": 8, "ckpt_every": 100, "keep_best": 3, "log_every": 10,
+    "max_nonfinite": 20,
+    "lambdas": {"l1": 1.0, "stft": 1.0, "mel": 1.0},
+    "n_ffts": [1024, 2048, 4096, 8192], "n_mels": 128,
+    "dataset_ids": None, "allow_bandlimited": False,
+    "trainable": "decoder", "init": "smart",
+    "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["decoder.*"]},
+    "device": "auto", "num_workers": 2, "preload": "auto",
+}
+PHASE_DEFAULTS = {
+    "warmup": {"trainable": "new_block", "lr": 5e-5},
+    "full": {"trainable": "decoder", "lr": 1e-5},
+    "lora": {"trainable": "lora", "lr": 1e-4},
+}
+TRAINABLE = ("new_block", "decoder", "lora")
+INITS = ("smart", "random")
+
+
+def merge(base: dict, over: dict | None) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def phase_settings(config: dict, phase: str) -> dict:
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; phases are {PHASES}")
+    train = config.get("train", {})
+    s = merge(merge(merge(TRAIN_DEFAULTS, PHASE_DEFAULTS[phase]), train.get("defaults")), train.get(phase))
+    check_phase(s, phase)
+    return s
+
+
+def check_phase(s: dict, phase: str) -> None:
+    unknown = set(s) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ValueError(f"train.{phase}: unknown keys {sorted(unknown)}")
+    if s["trainable"] not in TRAINABLE:
+        raise ValueError(f"train.{phase}.trainable must be one of {TRAINABLE}")
+    if s["init"] not in INITS:
+        raise ValueError(f"train.{phase}.init must be one of {INITS}")
+    if s["warmup_steps"] > s["steps"]:
+        raise ValueError(f"train.{phase}: warmup_steps {s['warmup_steps']} > steps {s['steps']}")
+    unknown = set(s["lambdas"]) - {"l1", "stft", "mel"}
+    if unknown:
+        raise ValueError(f"train.{phase}.lambdas: unknown terms {sorted(unknown)}")

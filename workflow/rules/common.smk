@@ -1,0 +1,102 @@
+# Helpers shared by the rules. Nothing here writes into the tree: the manifests are only read
+# (at parse time) to give every shard job its audio files as inputs and a digest of its rows.
+import functools
+import json
+import os
+import sys
+
+sys.path.insert(0, workflow.basedir)
+
+from pipeline.manifest import parse_manifest, rows_digest, shard_rows
+from pipeline.settings import PHASES, merge, phase_settings
+from pipeline.precompute import DEFAULTS as PRECOMPUTE_DEFAULTS
+
+DEMO_DIR = "data/demo"
+RESULTS = "results"
+LOGS = f"{RESULTS}/logs"
+BENCH = f"{RESULTS}/benchmarks"
+PY = f"{sys.executable} -m pipeline"
+
+# split -> where its manifest comes from and where its cache and accounting go
+SPLITS = {
+    "train": dict(manifest=config["manifest"], cache="cache", summary="precompute",
+                  shards=config["precompute"]["shards"]),
+    "heldout": dict(manifest=config["heldout_manifest"], cache="cache_heldout",
+                    summary="precompute/heldout", shards=config["precompute"]["heldout_shards"]),
+}
+CACHE_SPLIT = {v["cache"]: k for k, v in SPLITS.items()}
+SUMMARY_SPLIT = {v["summary"]: k for k, v in SPLITS.items()}
+
+
+wildcard_constraints:
+    shard=r"\d{3,4}",
+    cachedir="|".join(CACHE_SPLIT),
+    sdir="|".join(SUMMARY_SPLIT),
+    phase="|".join(PHASES),
+
+
+def is_demo(path):
+    return os.path.abspath(path).startswith(os.path.abspath(DEMO_DIR) + os.sep)
+
+
+def manifest_of(split):
+    """The manifest path; waits for the demo corpus checkpoint when it is the demo's."""
+    m = SPLITS[split]["manifest"]
+    if is_demo(m):
+        checkpoints.demo_data.get()
+    elif not os.path.isfile(m):
+        raise WorkflowError(f"{split} manifest {m!r} does not exist (config key "
+                            f"{'manifest' if split == 'train' else 'heldout_manifest'})")
+    return m
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded(split, mtime):
+    parsed = parse_manifest(SPLITS[split]["manifest"])
+    return shard_rows(parsed.rows, SPLITS[split]["shards"])
+
+
+def shard_of_split(split, k):
+    m = manifest_of(split)
+    return _sharded(split, os.stat(m).st_mtime_ns)[k]
+
+
+def shard_paths(split):
+    s = SPLITS[split]
+    return [f"{RESULTS}/{s['cache']}/shard-{k:03d}.zarr" for k in range(s["shards"])]
+
+
+# ---- codec ---------------------------------------------------------------------------------
+def codec_dir():
+    return config["codec"]["pretrained"] or f"{RESULTS}/codec/demo"
+
+
+def codec_files():
+    d = codec_dir()
+    if not config["codec"]["pretrained"]:
+        return [f"{d}/config.json", f"{d}/model.safetensors"]
+    for w in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(f"{d}/{w}"):
+            return [f"{d}/config.json", f"{d}/{w}"]
+    raise WorkflowError(f"codec.pretrained {d!r} holds neither model.safetensors nor pytorch_model.bin "
+                        "(expected the official SNAC layout: config.json + pytorch_model.bin)")
+
+
+def precompute_settings():
+    p = config["precompute"]
+    s = {k: p[k] for k in PRECOMPUTE_DEFAULTS if k in p}
+    s["target_rate"] = config["codec"].get("target_rate", 48000)
+    return merge(PRECOMPUTE_DEFAULTS, s)
+
+
+# ---- training ------------------------------------------------------------------------------
+PHASE_DIR = f"{RESULTS}/phase11"
+
+
+def phase_json(phase):
+    return json.dumps(phase_settings(config, phase), sort_keys=True)
+
+
+def all_targets():
+    return [f"{PHASE_DIR}/final.pt", f"{PHASE_DIR}/eval.json",
+            f"{RESULTS}/precompute/summary.json", f"{RESULTS}/precompute/heldout/summary.json"]

@@ -1,0 +1,36 @@
+# The demo corpus and the demo codec. A checkpoint, because the shard jobs' inputs are read
+# from the manifest it writes.
+
+
+checkpoint demo_data:
+    output:
+        manifest=f"{DEMO_DIR}/manifest.jsonl",
+        heldout=f"{DEMO_DIR}/heldout.jsonl",
+    params:
+        settings=lambda wc: json.dumps(config.get("demo", {}), sort_keys=True),
+    log:
+        f"{LOGS}/demo_data.log",
+    benchmark:
+        f"{BENCH}/demo_data.tsv"
+    shell:
+        "{PY} demo-data --out {DEMO_DIR} --settings {params.settings:q} 2>&1 | tee {log}"
+
+
+rule demo_codec:
+    input:
+        manifest=lambda wc: manifest_of("train"),
+    output:
+        config=f"{RESULTS}/codec/demo/config.json",
+        weights=f"{RESULTS}/codec/demo/model.safetensors",
+        quality=f"{RESULTS}/codec/demo/quality.json",
+    params:
+        settings=lambda wc: json.dumps(config["codec"].get("demo", {}), sort_keys=True),
+        out=f"{RESULTS}/codec/demo",
+    threads: 2
+    log:
+        f"{LOGS}/demo_codec.log",
+    benchmark:
+        f"{BENCH}/demo_codec.tsv"
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} demo-codec --manifest {input.manifest:q} --out {params.out:q}"
+        " --settings {params.settings:q} 2>&1 | tee {log}"
