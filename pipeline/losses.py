@@ -1,0 +1,328 @@
+"""Training losses and evaluation metrics for the 48 kHz decoder, in torch.
+
+Losses (``torch.nn.Module``, differentiable, return tensors):
+
+* `MultiResolutionSTFTLoss` -- spectral convergence + log-magnitude L1, averaged over
+  several STFT resolutions (the Parallel-WaveGAN formulation).
+* `MelL1Loss` -- L1 between log10 mel magnitude spectrograms.
+* `ReconstructionLoss` -- lambda-weighted sum of waveform L1, MR-STFT and mel terms; returns
+  ``(total, {name: term})`` so the trainer can log every term.
+
+Metrics (plain functions, run without gradients, return python floats averaged over the batch):
+
+* `si_sdr` -- scale-invariant SDR in dB.
+* `log_spectral_distance` -- LSD in dB, optionally restricted to a frequency band.
+* `evaluate_pair` -- all of the above in one dict, the row the evaluate stage writes.
+
+Conventions shared by everything here:
+
+* Audio is ``(B, 1, T)`` or ``(B, T)``; metrics (and losses) also take ``(T,)``. ``pred`` and
+  ``target`` must have the same shape.
+* No sample rate is hard-coded: every rate-dependent piece takes ``sample_rate``.
+* Spectral work always runs in float32 with autocast disabled, so the losses are safe inside
+  ``torch.autocast(..., dtype=torch.bfloat16)``: inputs are cast with ``.float()`` and the
+  returned loss is float32.
+* Short signals: an STFT size larger than the signal is clamped to the largest power of two
+  that fits (see `_fit_n_fft`); the mel transform zero-pads signals shorter than its reflect
+  padding allows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+
+__all__ = [
+    "MultiResolutionSTFTLoss",
+    "MelL1Loss",
+    "ReconstructionLoss",
+    "si_sdr",
+    "log_spectral_distance",
+    "evaluate_pair",
+]
+
+LOSS_TERMS = ("l1", "stft", "mel")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _as_batch(x, name: str) -> torch.Tensor:
+    """Return ``x`` as a ``(B, T)`` tensor; accepts ``(B, 1, T)``, ``(B, T)`` or ``(T,)``."""
+    x = torch.as_tensor(x)
+    if x.dim() == 1:
+        return x.unsqueeze(0)
+    if x.dim() == 2:
+        return x
+    if x.dim() == 3 and x.shape[1] == 1:
+        return x[:, 0, :]
+    raise ValueError(f"{name}: expected shape (B, 1, T), (B, T) or (T,), got {tuple(x.shape)}")
+
+
+def _pair(pred, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten both to ``(B, T)`` and check they match."""
+    p, t = _as_batch(pred, "pred"), _as_batch(target, "target")
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target shapes differ: {tuple(p.shape)} vs {tuple(t.shape)}")
+    if p.shape[-1] < 1:
+        raise ValueError("empty signal (T = 0)")
+    return p, t
+
+
+def _no_autocast(x: torch.Tensor):
+    """Context manager that turns autocast off on ``x``'s device type."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _fit_n_fft(n_fft: int, length: int) -> int:
+    """``n_fft`` if the signal is long enough, else the largest power of two <= ``length``.
+
+    torch.stft with ``center=True`` reflect-pads ``n_fft // 2`` samples on each side, which needs
+    ``n_fft // 2 < length``; clamping to ``<= length`` guarantees that and keeps the frame a
+    power of two. On very short signals several resolutions may clamp to the same size; they
+    are then simply counted more than once in the mean.
+    """
+    if n_fft <= length:
+        return n_fft
+    return 1 << (int(length).bit_length() - 1)
+
+
+def _stft_mag(x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor, eps: float) -> torch.Tensor:
+    """Magnitude STFT ``(B, F, frames)`` of float32 ``(B, T)`` audio, floored at ``sqrt(eps)``."""
+    spec = torch.stft(x, n_fft=n_fft, hop_length=hop, win_length=n_fft, window=window,
+                      center=True, pad_mode="reflect", return_complex=True)
+    return torch.sqrt(torch.clamp(spec.real.square() + spec.imag.square(), min=eps))
+
+
+# --------------------------------------------------------------------------- losses
+
+class MultiResolutionSTFTLoss(torch.nn.Module):
+    """Mean over STFT resolutions of (spectral convergence + log-magnitude L1).
+
+    For each ``n_fft`` (window = Hann of length ``n_fft``, hop = ``max(1, int(n_fft * hop_ratio))``)::
+
+        |X| = sqrt(max(re^2 + im^2, eps))
+        sc  = ||  |X_t| - |X_p|  ||_F / || |X_t| ||_F        (Frobenius over the whole batch)
+        mag = mean | log|X_t| - log|X_p| |
+
+    and the loss is ``mean_r(sc_r + mag_r)`` -- the Parallel-WaveGAN formulation (Yamamoto et
+    al. 2020). Identical inputs give exactly 0.
+
+    Hann windows are non-persistent buffers (follow ``.to(device)``, not saved in state_dict).
+    If ``n_fft`` exceeds the signal length ``T`` it is clamped to the largest power of two
+    ``<= T`` for that call (window built on the fly, hop scaled with it).
+    """
+
+    def __init__(self, n_ffts=(1024, 2048, 4096, 8192), hop_ratio: float = 0.25, eps: float = 1e-7):
+        super().__init__()
+        n_ffts = tuple(int(n) for n in n_ffts)
+        if not n_ffts or any(n < 2 for n in n_ffts):
+            raise ValueError(f"n_ffts must be a non-empty list of sizes >= 2, got {n_ffts}")
+        if not 0.0 < hop_ratio <= 1.0:
+            raise ValueError(f"hop_ratio must be in (0, 1], got {hop_ratio}")
+        self.n_ffts = n_ffts
+        self.hop_ratio = float(hop_ratio)
+        self.eps = float(eps)
+        for n in sorted(set(n_ffts)):
+            self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
+
+    def _window(self, n_fft: int, like: torch.Tensor) -> torch.Tensor:
+        w = getattr(self, f"window_{n_fft}", None)
+        if w is None:  # a clamped size: build it on the fly
+            w = torch.hann_window(n_fft, device=like.device)
+        return w.to(device=like.device, dtype=torch.float32)
+
+    def forward(self, pred, target) -> torch.Tensor:
+        p, t = _pair(pred, target)
+        with _no_autocast(p):
+            p, t = p.float(), t.float()
+            total = p.new_zeros(())
+            for n_fft in self.n_ffts:
+                n = _fit_n_fft(n_fft, p.shape[-1])
+                hop = max(1, int(n * self.hop_ratio))
+                w = self._window(n, p)
+                mp = _stft_mag(p, n, hop, w, self.eps)
+                mt = _stft_mag(t, n, hop, w, self.eps)
+                sc = torch.linalg.vector_norm(mt - mp) / torch.linalg.vector_norm(mt)
+                mag = F.l1_loss(torch.log(mp), torch.log(mt))
+                total = total + sc + mag
+            return total / len(self.n_ffts)
+
+
+class MelL1Loss(torch.nn.Module):
+    """L1 between ``log10(mel + eps)`` of pred and target.
+
+    Uses ``torchaudio.transforms.MelSpectrogram`` with ``power=1`` (magnitude mel), Hann window,
+    ``center=True``, HTK mel scale, no filter normalisation. ``hop_length`` defaults to
+    ``n_fft // 4``; ``f_max`` defaults to ``sample_rate / 2``. The filterbank and window are
+    buffers of the submodule, so ``.to(device)`` moves them. Signals too short for the reflect
+    padding (``T <= n_fft // 2``) are zero-padded on the right to ``n_fft`` samples.
+    """
+
+    def __init__(self, sample_rate: int, n_fft: int = 2048, hop_length: int | None = None,
+                 n_mels: int = 128, f_min: float = 0.0, f_max: float | None = None, eps: float = 1e-5):
+        super().__init__()
+        if sample_rate <= 0:
+            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+        self.sample_rate = int(sample_rate)
+        self.n_fft = int(n_fft)
+        self.eps = float(eps)
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=self.sample_rate, n_fft=self.n_fft,
+            hop_length=hop_length if hop_length is not None else self.n_fft // 4,
+            n_mels=n_mels, f_min=f_min, f_max=f_max, power=1.0,
+            window_fn=torch.hann_window, center=True, pad_mode="reflect",
+        )
+
+    def _log_mel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log10(self.mel(x) + self.eps)
+
+    def forward(self, pred, target) -> torch.Tensor:
+        p, t = _pair(pred, target)
+        with _no_autocast(p):
+            p, t = p.float(), t.float()
+            if p.shape[-1] <= self.n_fft // 2:
+                pad = self.n_fft - p.shape[-1]
+                p, t = F.pad(p, (0, pad)), F.pad(t, (0, pad))
+            return F.l1_loss(self._log_mel(p), self._log_mel(t))
+
+
+class ReconstructionLoss(torch.nn.Module):
+    """Lambda-weighted sum of reconstruction terms.
+
+    ``lambdas`` maps term name to weight; known names (`LOSS_TERMS`):
+
+    * ``"l1"``   -- waveform L1 (mean absolute error);
+    * ``"stft"`` -- `MultiResolutionSTFTLoss` over ``n_ffts``;
+    * ``"mel"``  -- `MelL1Loss` at ``sample_rate`` with ``n_mels`` bands.
+
+    A missing key or a weight of 0 means the term is neither built nor computed nor returned.
+    Unknown keys, negative or non-finite weights, or all weights zero raise ``ValueError``.
+
+    ``forward`` returns ``(total, terms)``: ``total`` is the differentiable weighted sum (float32
+    scalar); ``terms`` maps each computed term name to its *unweighted*, *detached* scalar tensor,
+    for logging (detached so that keeping them does not keep the graph alive).
+    """
+
+    def __init__(self, sample_rate: int, lambdas: dict, n_ffts=(1024, 2048, 4096, 8192), n_mels: int = 128):
+        super().__init__()
+        weights: dict[str, float] = {}
+        for key, value in dict(lambdas).items():
+            if key not in LOSS_TERMS:
+                raise ValueError(f"unknown loss lambda {key!r}; known: {', '.join(LOSS_TERMS)}")
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"loss lambda {key!r} must be a number, got {value!r}") from None
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"loss lambda {key!r} must be finite and >= 0, got {value}")
+            if value > 0:
+                weights[key] = value
+        if not weights:
+            raise ValueError("all loss lambdas are zero: nothing to train on")
+        self.lambdas = {k: weights[k] for k in LOSS_TERMS if k in weights}  # fixed order
+        self.sample_rate = int(sample_rate)
+        self.stft = MultiResolutionSTFTLoss(n_ffts) if "stft" in self.lambdas else None
+        self.mel = MelL1Loss(sample_rate, n_mels=n_mels) if "mel" in self.lambdas else None
+
+    def forward(self, pred, target) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        p, t = _pair(pred, target)
+        terms: dict[str, torch.Tensor] = {}
+        total = None
+        for name, weight in self.lambdas.items():
+            if name == "l1":
+                with _no_autocast(p):
+                    value = F.l1_loss(p.float(), t.float())
+            elif name == "stft":
+                value = self.stft(p, t)
+            else:
+                value = self.mel(p, t)
+            terms[name] = value.detach()
+            total = weight * value if total is None else total + weight * value
+        return total, terms
+
+
+# --------------------------------------------------------------------------- metrics
+
+@torch.no_grad()
+def si_sdr(pred, target, eps: float = 1e-8) -> float:
+    """Scale-invariant SDR in dB (Le Roux et al. 2019), mean over the batch.
+
+    Both signals are made zero-mean, then ``s = <p,t>/(<t,t>+eps) * t``, ``e = p - s`` and
+    ``SI-SDR = 10 log10((||s||^2 + eps) / (||e||^2 + eps))``. Computed in float64, so identical
+    inputs score well above 100 dB and a scaled copy scores the same.
+    """
+    p, t = _pair(pred, target)
+    p = p.double() - p.double().mean(-1, keepdim=True)
+    t = t.double() - t.double().mean(-1, keepdim=True)
+    alpha = (p * t).sum(-1, keepdim=True) / (t.square().sum(-1, keepdim=True) + eps)
+    s = alpha * t
+    e = p - s
+    ratio = (s.square().sum(-1) + eps) / (e.square().sum(-1) + eps)
+    return float((10.0 * torch.log10(ratio)).mean())
+
+
+@torch.no_grad()
+def log_spectral_distance(pred, target, sample_rate: int, band: tuple[float, float] | None = None,
+                          n_fft: int = 2048, hop: int = 512, eps: float = 1e-10) -> float:
+    """Log-spectral distance in dB, mean over frames and then over the batch.
+
+    Power spectra ``P = |STFT|^2`` (Hann window, ``center=True``); per frame
+    ``sqrt(mean_k (10 log10(P_pred[k] + eps) - 10 log10(P_tgt[k] + eps))^2)`` over the bins ``k``
+    whose centre frequency ``k * sample_rate / n_fft`` lies in ``band = (lo, hi)`` Hz, inclusive
+    (``None`` = all bins, 0 .. Nyquist). ``band=(12000, 24000)`` at 48 kHz gives "lsd_hf".
+    ``n_fft`` larger than the signal is clamped like the STFT loss. A band that contains no bin
+    raises ``ValueError``.
+    """
+    p, t = _pair(pred, target)
+    with _no_autocast(p):
+        p, t = p.float(), t.float()
+        n = _fit_n_fft(int(n_fft), p.shape[-1])
+        window = torch.hann_window(n, device=p.device)
+
+        def power_db(x):
+            spec = torch.stft(x, n_fft=n, hop_length=max(1, int(hop)), win_length=n, window=window,
+                              center=True, pad_mode="reflect", return_complex=True)
+            return 10.0 * torch.log10(spec.real.square() + spec.imag.square() + eps)
+
+        diff = power_db(p) - power_db(t)  # (B, F, frames)
+        if band is not None:
+            lo, hi = float(band[0]), float(band[1])
+            freqs = torch.arange(diff.shape[1], device=diff.device, dtype=torch.float64) * (sample_rate / n)
+            keep = (freqs >= lo) & (freqs <= hi)
+            if not bool(keep.any()):
+                raise ValueError(f"band {band} Hz contains no STFT bin (sample_rate={sample_rate}, n_fft={n})")
+            diff = diff[:, keep, :]
+        lsd = torch.sqrt(diff.square().mean(dim=1))  # (B, frames)
+        return float(lsd.mean(dim=-1).mean())
+
+
+@torch.no_grad()
+def evaluate_pair(pred, target, sample_rate: int, n_ffts=(1024, 2048, 4096, 8192),
+                  hf_band=(12000.0, 24000.0)) -> dict:
+    """All evaluation metrics for one (batch of) prediction/target pair(s), as python floats.
+
+    Returns ``{"mrstft", "mel_l1", "lsd_db", "lsd_hf_db", "si_sdr_db"}``: `MultiResolutionSTFTLoss`
+    over ``n_ffts``, `MelL1Loss` at ``sample_rate`` (defaults), whole-band and ``hf_band`` LSD
+    (default n_fft/hop), and `si_sdr`. The upper edge of ``hf_band`` is clipped to
+    ``sample_rate / 2``; if the clipped band holds no STFT bin (e.g. a band above Nyquist)
+    ``lsd_hf_db`` is NaN. ``mrstft``'s spectral convergence is pooled over the batch; the other
+    metrics are per-item means.
+    """
+    p, t = _pair(pred, target)
+    device = p.device
+    mrstft = MultiResolutionSTFTLoss(n_ffts).to(device)(p, t)
+    mel = MelL1Loss(sample_rate).to(device)(p, t)
+    lo, hi = float(hf_band[0]), min(float(hf_band[1]), sample_rate / 2)
+    try:
+        lsd_hf = log_spectral_distance(p, t, sample_rate, band=(lo, hi)) if lo <= hi else float("nan")
+    except ValueError:
+        lsd_hf = float("nan")
+    return {
+        "mrstft": float(mrstft),
+        "mel_l1": float(mel),
+        "lsd_db": log_spectral_distance(p, t, sample_rate),
+        "lsd_hf_db": lsd_hf,
+        "si_sdr_db": si_sdr(p, t),
+    }
