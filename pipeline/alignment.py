@@ -1,0 +1,74 @@
+"""Alignment checks of a cache against the codec that built it (the bug that ruined the
+original scripts: codes and audio that silently do not belong together).
+
+For random utterances and random segment offsets aligned to the coarsest stride:
+  slicing     codes of the segment == whole-utterance codes sliced at offset/stride_i, and the
+              target == cached audio at [offset*hop_t, (offset+n)*hop_t);
+  re-encoding the target crop brought to the codec rate and encoded again reproduces the
+              sliced codes away from the edges (by the encoder's receptive field);
+  decoding    (noise off) decoding the sliced codes matches the same crop of decoding the
+              whole utterance, away from the edges (by the decoder's receptive field).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import audio as A
+from .codec import noise_disabled
+
+
+def receptive_field(fn, channels: int, length: int) -> int:
+    """Input samples that one output position in the middle depends on (measured by autograd)."""
+    x = torch.zeros(1, channels, length, requires_grad=True)
+    y = fn(x)
+    y[..., y.shape[-1] // 2].sum().backward()
+    nz = torch.nonzero(x.grad.abs().sum(1)[0]).flatten()
+    return int(nz.max() - nz.min() + 1) if len(nz) else 0
+
+
+@torch.no_grad()
+def check_shard(shard, codec, n_checks: int = 8, seg_coarse: int = 6, seed: int = 0) -> dict:
+    """Run the three checks on `n_checks` random (utterance, offset) pairs; returns the worst
+    figures: slicing_ok, reencode_match (lowest share of equal interior codes), decode_max_err."""
+    fp, rng = shard.fingerprint, np.random.default_rng(seed)
+    strides, hop, hop_t = fp["strides"], fp["hop"], fp["hop_target"]
+    coarse = max(strides)
+    with torch.enable_grad():
+        enc_rf = receptive_field(codec.encoder, 1, 64 * hop)
+        dec_rf = receptive_field(lambda z: codec.decoder(z), codec.latent_dim, 64) * hop
+    out = {"checks": 0, "slicing_ok": True, "reencode_match": 1.0, "decode_max_err": 0.0}
+    candidates = [i for i in range(len(shard)) if shard.frames(i) >= seg_coarse * coarse]
+    for _ in range(n_checks if candidates else 0):
+        i = int(rng.choice(candidates))
+        frames = shard.frames(i)
+        n = seg_coarse * coarse
+        off = int(rng.integers((frames - n) // coarse + 1)) * coarse
+        full_codes, full_audio = shard.utterance(i)
+        codes, audio = shard.segment(i, off, n)
+        ok = all(np.array_equal(c, f[off // s:(off + n) // s]) for c, f, s in zip(codes, full_codes, strides))
+        ok &= np.array_equal(audio, full_audio[off * hop_t:(off + n) * hop_t])
+        out["slicing_ok"] &= bool(ok)
+        # re-encoding: target crop -> codec rate -> encode; compare away from the edges
+        x = A.resample(audio.astype(np.float32) / 32768.0, fp["target_rate"], fp["codec_rate"])
+        re = codec.encode(torch.from_numpy(x)[None, None])
+        shares = []
+        for c, r, s in zip(codes, re, strides):
+            m = math.ceil(enc_rf / (2 * hop * s)) + 1
+            if len(c) > 2 * m:
+                shares.append(float(np.mean(c[m:len(c) - m] == r[0, m:len(c) - m].numpy())))
+        if shares:
+            out["reencode_match"] = min(out["reencode_match"], min(shares))
+        # decoding: sliced codes vs crop of the whole decode, noise off
+        with noise_disabled(codec):
+            whole = codec.decode([torch.from_numpy(c)[None] for c in full_codes])[0, 0]
+            part = codec.decode([torch.from_numpy(c)[None] for c in codes])[0, 0]
+        m = dec_rf // 2 + hop
+        crop = whole[off * hop:(off + n) * hop]
+        if len(part) > 2 * m:
+            out["decode_max_err"] = max(out["decode_max_err"], float((part[m:-m] - crop[m:-m]).abs().max()))
+        out["checks"] += 1
+    out.update(encoder_rf=enc_rf, decoder_rf=dec_rf)
+    return out

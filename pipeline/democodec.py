@@ -1,0 +1,146 @@
+"""The demo codec: a tiny SNAC built from a config with a fixed seed and trained briefly on the
+demo corpus at its own rate, so that the demo's codes really describe the audio.
+
+Losses: waveform/STFT/mel reconstruction plus the quantizer's codebook and commitment losses
+(VQ-VAE style, computed per residual level on the factorised latents SNAC quantises). The
+result is an untrained-by-any-real-standard codec: it shows the mechanics, not quality.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import audio as A
+from .cache import dump_json
+from .codec import build_codec, geometry, noise_disabled, save_codec
+from .losses import ReconstructionLoss, evaluate_pair
+from .manifest import parse_manifest
+from .ui import console
+
+DEFAULTS = {"seed": 0, "config": None, "steps": 600, "batch_size": 8, "segment_seconds": 0.5,
+            "lr": 2e-3, "lambdas": {"l1": 1.0, "stft": 1.0, "mel": 1.0},
+            "codebook_weight": 1.0, "commitment_weight": 0.25, "reset_every": 20}
+
+
+@torch.no_grad()
+def reset_dead_codes(quantizer, usage: list, latents: list, rng) -> int:
+    """Re-seed codes unused since the last reset with latents of the current batch (a standard
+    remedy for codebook collapse, which a small codebook trained briefly otherwise suffers)."""
+    n = 0
+    for vq, used, z_e in zip(quantizer.quantizers, usage, latents):
+        dead = torch.nonzero(used == 0).flatten()
+        if len(dead):
+            pool = z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
+            pick = torch.from_numpy(rng.integers(len(pool), size=len(dead)))
+            vq.codebook.weight[dead] = pool[pick] + 1e-3 * torch.randn(len(dead), pool.shape[1])
+            n += len(dead)
+        used.zero_()
+    return n
+
+
+def quantize_with_losses(quantizer, z, seen: list | None = None):
+    """SNAC's ResidualVectorQuantize.forward, also returning codebook and commitment losses.
+    `seen`, if given, collects per level (indices, latents) for dead-code resets."""
+    z_q, residual, cb, commit = 0.0, z, 0.0, 0.0
+    for level, vq in enumerate(quantizer.quantizers):
+        r = F.avg_pool1d(residual, vq.stride, vq.stride) if vq.stride > 1 else residual
+        z_e = vq.in_proj(r)
+        q, idx = vq.decode_latents(z_e)
+        if seen is not None:
+            seen.append((idx.detach(), z_e.detach()))
+        cb = cb + F.mse_loss(q, z_e.detach())
+        commit = commit + F.mse_loss(z_e, q.detach())
+        q = vq.out_proj(z_e + (q - z_e).detach())
+        if vq.stride > 1:
+            q = q.repeat_interleave(vq.stride, dim=-1)
+        z_q, residual = z_q + q, residual - q
+    return z_q, cb, commit
+
+
+def load_corpus(manifest, rate: int) -> list:
+    out = []
+    for row in parse_manifest(manifest).rows:
+        try:
+            x, sr = A.read_mono(row.audio)
+        except A.AudioError:
+            continue
+        out.append(A.resample(x, sr, rate))
+    if not out:
+        raise RuntimeError(f"{manifest}: no readable audio to train the demo codec on")
+    return out
+
+
+def train_demo_codec(manifest, out, settings: dict) -> dict:
+    s = {**DEFAULTS, **settings}
+    if not s["config"]:
+        raise ValueError("codec.demo.config: the demo SNAC's constructor arguments are required")
+    torch.manual_seed(s["seed"])
+    rng = np.random.default_rng(s["seed"])
+    model = build_codec(s["config"], s["seed"])
+    geo = geometry(model, model.sampling_rate)
+    clips = load_corpus(manifest, geo.codec_rate)
+    seg = max(1, round(s["segment_seconds"] * geo.codec_rate / geo.pad_to)) * geo.pad_to
+    loss_fn = ReconstructionLoss(geo.codec_rate, s["lambdas"], n_ffts=(256, 512, 1024), n_mels=64)
+    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(0.8, 0.99))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s["lr"], total_steps=s["steps"], pct_start=0.1)
+    usage = [torch.zeros(model.codebook_size, dtype=torch.long) for _ in model.vq_strides]
+    model.train()
+    t0 = time.time()
+    for step in range(1, s["steps"] + 1):
+        batch = np.zeros((s["batch_size"], seg), dtype=np.float32)
+        for j in range(s["batch_size"]):
+            c = clips[rng.integers(len(clips))]
+            o = int(rng.integers(0, max(1, len(c) - seg)))
+            piece = c[o:o + seg]
+            batch[j, :len(piece)] = piece
+        x = torch.from_numpy(batch)[:, None]
+        seen = []
+        z_q, cb, commit = quantize_with_losses(model.quantizer, model.encoder(x), seen)
+        for u, (idx, _) in zip(usage, seen):
+            u += torch.bincount(idx.flatten(), minlength=len(u))
+        if step % s["reset_every"] == 0 and step <= 0.8 * s["steps"]:
+            reset_dead_codes(model.quantizer, usage, [z for _, z in seen], rng)
+        recon, terms = loss_fn(model.decoder(z_q), x)
+        loss = recon + s["codebook_weight"] * cb + s["commitment_weight"] * commit
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == s["steps"]:
+            parts = " ".join(f"{k}={v.item():.3f}" for k, v in terms.items())
+            console.print(f"demo codec step {step}/{s['steps']} loss={loss.item():.3f} {parts} "
+                          f"vq={cb.item():.4f}/{commit.item():.4f} ({time.time() - t0:.0f} s)")
+    model.eval()
+    quality = measure_quality(model, clips[:16])
+    quality.update({"steps": s["steps"], "train_seconds": round(time.time() - t0, 1),
+                    "note": "demo codec: tiny and briefly trained; shows mechanics, not quality"})
+    out = Path(out)
+    save_codec(model, out)
+    dump_json(quality, out / "quality.json")
+    console.print("demo codec reconstruction (noise off, first clips of the corpus): "
+                  + json.dumps({k: quality[k] for k in ("si_sdr_db", "mel_l1", "lsd_db", "code_usage")}))
+    return quality
+
+
+@torch.inference_mode()
+def measure_quality(model, clips) -> dict:
+    """Reconstruction metrics of encode -> decode at the codec rate, noise blocks off."""
+    rate = model.sampling_rate
+    results, used = [], [set() for _ in model.vq_strides]
+    with noise_disabled(model):
+        for c in clips:
+            x = torch.from_numpy(c)[None, None]
+            codes = model.encode(x)
+            y = model.decode(codes)[..., :x.shape[-1]]
+            results.append(evaluate_pair(y, x, rate, n_ffts=(256, 512, 1024), hf_band=(rate / 4, rate / 2)))
+            for u, cd in zip(used, codes):
+                u.update(cd.flatten().tolist())
+    q = {k: round(float(np.mean([r[k] for r in results])), 4) for k in results[0]}
+    q["code_usage"] = [round(len(u) / model.codebook_size, 3) for u in used]
+    return q

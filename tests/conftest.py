@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny SNAC codecs saved in the official layout, audio files, manifests."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# snac_24khz's time geometry (hop 512, strides 4/2/1) at toy width: fast, but aligned like the real one
+TINY_24K = dict(sampling_rate=24000, encoder_dim=4, encoder_rates=[2, 4, 8, 8], decoder_dim=32,
+                decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=64, codebook_dim=4,
+                vq_strides=[4, 2, 1], noise=True, depthwise=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_codec_dir(tmp_path_factory):
+    """A tiny SNAC saved as the official checkpoint layout (config.json + pytorch_model.bin)."""
+    d = tmp_path_factory.mktemp("codec")
+    from pipeline.codec import save_codec
+    save_codec(tiny_codec(seed=7), d, official=True)
+    return d
+
+
+def tiny_codec(seed=7, config=TINY_24K):
+    """A random tiny SNAC whose codebooks are seeded from its own latents of speech-like audio,
+    so its codes are informative (a random SNAC maps almost everything to one code)."""
+    import torch
+    from pipeline.codec import build_codec
+    from pipeline.democodec import quantize_with_losses, reset_dead_codes
+    model = build_codec(config, seed=seed)
+    rate = config["sampling_rate"]
+    from pipeline.codec import geometry
+    n = geometry(config, 2 * rate).pad_to * 8
+    x = torch.from_numpy(np.stack([speechlike(2.0, rate, seed=s)[:n] for s in range(4)]))[:, None]
+    with torch.no_grad():
+        seen = []
+        quantize_with_losses(model.quantizer, model.encoder(x), seen)
+        usage = [torch.zeros(config["codebook_size"], dtype=torch.long) for _ in seen]
+        reset_dead_codes(model.quantizer, usage, [z for _, z in seen], np.random.default_rng(seed))
+    return model.eval()
+
+
+def speechlike(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
+    """Harmonics with a gliding f0 plus a noise burst: something with structure at every rate."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    x = sum(np.sin(k * phase) / k for k in range(1, 12))
+    x += rng.standard_normal(len(t)) * (np.abs(np.sin(2 * np.pi * 1.3 * t)) > 0.8) * 0.5
+    return (0.3 * x / np.abs(x).max()).astype(np.float32)
+
+
+def write_audio(path, x, rate, **kw):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), x, rate, **kw)
+    return path
+
+
+def write_manifest(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path

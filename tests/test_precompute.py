@@ -1,0 +1,192 @@
+"""Precompute: codec loading, shard writing, bad input accounting, alignment, fingerprints."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_24K, speechlike, write_audio, write_manifest
+
+from pipeline import cache as C
+from pipeline.alignment import check_shard
+from pipeline.codec import geometry, load_codec, save_codec, state_digest
+from pipeline.precompute import run_shard, summarize
+
+
+def test_official_layout_loads_and_codes_equal_snac_encode(tiny_codec_dir, tmp_path):
+    import snac
+    ours = load_codec(tiny_codec_dir)
+    ref = snac.SNAC.from_config(str(tiny_codec_dir / "config.json"))
+    ref.load_state_dict(torch.load(tiny_codec_dir / "pytorch_model.bin", weights_only=True))
+    ref.eval()
+    x = torch.from_numpy(speechlike(1.3, 24000, seed=1))[None, None]
+    from pipeline.precompute import encode_items
+    item = {"x": x[0, 0].numpy()}
+    encode_items(ours, geometry(ours), [item], 64.0, "cpu")
+    with torch.inference_mode():
+        expect = ref.encode(x)
+    assert len(item["codes"]) == 3
+    for got, want in zip(item["codes"], expect):
+        np.testing.assert_array_equal(got, want[0].numpy())
+    # the same weights as safetensors give the same digest (the fingerprint is format-independent)
+    save_codec(ours, tmp_path / "st")
+    assert state_digest(load_codec(tmp_path / "st").state_dict()) == state_digest(ours.state_dict())
+
+
+def test_geometry_is_derived_from_config():
+    g = geometry(TINY_24K, 48000)
+    assert (g.hop, g.hop_target, g.strides, g.coarsest) == (512, 1024, (4, 2, 1), 4)
+    g44 = geometry({**TINY_24K, "sampling_rate": 44100, "encoder_rates": [3, 3, 7, 7],
+                    "vq_strides": [8, 4, 2, 1], "attn_window_size": 32}, 88200)
+    assert (g44.hop, g44.strides, g44.pad_to) == (441, (8, 4, 2, 1), 441 * 32)
+    with pytest.raises(ValueError, match="whole number"):
+        geometry({**TINY_24K, "sampling_rate": 44100, "encoder_rates": [3, 3, 7]}, 48000)
+
+
+@pytest.fixture(scope="module")
+def good_cache(tiny_codec_dir, tmp_path_factory):
+    """Eight clips of various lengths/rates in 2 shards."""
+    d = tmp_path_factory.mktemp("good")
+    rows = []
+    for i in range(8):
+        rate = [48000, 96000, 48000, 44100 * 2][i % 4]
+        write_audio(d / f"a{i}.wav", speechlike(1.2 + 0.3 * i, rate, seed=i), rate)
+        rows.append({"audio": f"a{i}.wav", "id": f"utt{i}", "dataset_id": i % 2})
+    m = write_manifest(d / "m.jsonl", rows)
+    shards = [run_shard(m, k, 2, tiny_codec_dir, d / f"shard-{k:03d}.zarr") for k in range(2)]
+    return d, m, shards
+
+
+def test_every_clip_cached_once_with_consistent_table(good_cache, tiny_codec_dir):
+    d, m, _ = good_cache
+    s = summarize(m, [d / "shard-000.zarr", d / "shard-001.zarr"], d / "out")
+    assert (s["lines"], s["accepted"], s["rejected"]) == (8, 8, 0)
+    shards = C.open_cache(d)
+    ids = sorted(i for sh in shards for i in sh.ids)
+    assert ids == sorted(f"utt{i}" for i in range(8))
+    sh = shards[0]
+    assert set(sh.table["source_rate"]) <= {48000, 96000, 88200}
+    for i in range(len(sh)):
+        codes, audio = sh.utterance(i)
+        frames = sh.frames(i)
+        assert len(audio) == frames * 1024 and sh.table["samples"][i] <= len(audio)
+        assert [len(c) for c in codes] == [frames // 4, frames // 2, frames]
+
+
+def test_alignment_slicing_reencoding_decoding(good_cache, tiny_codec_dir):
+    d, _, _ = good_cache
+    codec = load_codec(tiny_codec_dir)
+    for sh in C.open_cache(d):
+        r = check_shard(sh, codec, n_checks=6, seg_coarse=12, seed=3)
+        assert r["checks"] == 6
+        assert r["slicing_ok"]
+        assert r["reencode_match"] >= 0.95, r      # near-ties may flip after int16 + resampling
+        assert r["decode_max_err"] < 1e-4, r
+
+
+def _rewrite_with_geometry(src, dst, hop_target):
+    """A cache of the same codes whose audio was laid out with another hop (the classic bug:
+    SNAC's 44 kHz hop 441 used for the 24 kHz model)."""
+    sh = C.Shard(src)
+    fp = {**sh.fingerprint, "hop_target": hop_target}
+    w = C.ShardWriter(dst, fp)
+    for i in range(len(sh)):
+        codes, _ = sh.utterance(i)
+        raw = np.asarray(sh._audio[sh.audio_off[i]: sh.audio_off[i] + int(sh.table["samples"][i])])
+        audio = np.zeros(sh.frames(i) * hop_target, np.int16)
+        n = min(len(raw), len(audio))
+        audio[:n] = raw[:n]
+        w.add(sh.ids[i], audio, codes, **{k: sh.table[k][i] for k in C.TABLE})
+    w.close([], {})
+
+
+def test_wrong_hop_cache_fails_alignment(good_cache, tiny_codec_dir, tmp_path):
+    d, _, _ = good_cache
+    _rewrite_with_geometry(d / "shard-000.zarr", tmp_path / "shard-000.zarr", hop_target=882)
+    r = check_shard(C.Shard(tmp_path / "shard-000.zarr"), load_codec(tiny_codec_dir), n_checks=6, seg_coarse=12, seed=3)
+    assert r["reencode_match"] < 0.8, r
+
+
+def test_bad_input_every_reason_and_counts_add_up(tiny_codec_dir, tmp_path):
+    d = tmp_path
+    write_audio(d / "good1.wav", speechlike(1.2, 48000, 1), 48000)
+    write_audio(d / "good2.flac", speechlike(1.0, 48000, 2), 48000)
+    write_audio(d / "stereo96.wav", np.stack([speechlike(1.1, 96000, 3)] * 2, axis=1), 96000)
+    write_audio(d / "ogg8k.ogg", speechlike(1.0, 8000, 4), 8000, format="OGG", subtype="VORBIS")
+    write_audio(d / "short.wav", speechlike(0.05, 48000, 5), 48000)
+    write_audio(d / "empty.wav", np.zeros(0, np.float32), 48000)
+    nan = speechlike(1.0, 48000, 6)
+    nan[100] = np.nan
+    write_audio(d / "nan.wav", nan, 48000, subtype="FLOAT")
+    full = (d / "good1.wav").read_bytes()
+    (d / "truncated.wav").write_bytes(full[:30])
+    (d / "random.wav").write_bytes(np.random.default_rng(0).bytes(5000))
+    (d / "text.wav").write_text("this is not audio\n" * 20)
+    (d / "adir.wav").mkdir()
+    rows = [{"audio": "good1.wav"}, {"audio": "good2.flac", "id": "g2", "dataset_id": 1},
+            {"audio": "stereo96.wav"}, "{not json", {"id": "noaudio"}, {"audio": "good1.wav"},
+            {"audio": "missing.wav"}, {"audio": "adir.wav"}, {"audio": "empty.wav"},
+            {"audio": "nan.wav"}, {"audio": "short.wav"}, {"audio": "ogg8k.ogg"},
+            {"audio": "truncated.wav"}, {"audio": "random.wav"}, {"audio": "text.wav"}, ""]
+    m = write_manifest(d / "m.jsonl", rows)
+    for k in range(2):
+        run_shard(m, k, 2, tiny_codec_dir, d / f"shard-{k:03d}.zarr")
+    s = summarize(m, [d / "shard-000.zarr", d / "shard-001.zarr"], d / "out")
+    assert s["lines"] == 15 and s["blank_lines"] == 1
+    assert s["accepted"] == 3 and s["accepted"] + s["rejected"] == s["lines"]
+    rejects = [json.loads(l) for l in (d / "out" / "rejects.jsonl").read_text().splitlines()]
+    by_line = {r["line"]: r["reason"] for r in rejects}
+    expect = {4: "malformed JSON", 5: "missing `audio`", 6: "duplicate id", 7: "missing file",
+              8: "is a directory", 9: "zero-length", 10: "NaN/Inf", 11: "too short",
+              12: "below the target rate", 13: "unreadable", 14: "unreadable", 15: "unreadable"}
+    for line, reason in expect.items():
+        assert reason in by_line[line], (line, by_line[line])
+    assert all("reason" in r and "line" in r for r in rejects)
+    sh = [x for x in C.open_cache(d) if "stereo96.wav" in x.ids][0]
+    assert sh.table["source_rate"][sh.ids.index("stereo96.wav")] == 96000
+
+
+def test_low_rate_policies(tiny_codec_dir, tmp_path):
+    write_audio(tmp_path / "low.wav", speechlike(1.0, 16000, 1), 16000)
+    m = write_manifest(tmp_path / "m.jsonl", [{"audio": "low.wav"}])
+    run_shard(m, 0, 1, tiny_codec_dir, tmp_path / "keep.zarr", {"low_rate_policy": "keep_bandlimited"})
+    sh = C.Shard(tmp_path / "keep.zarr")
+    assert len(sh) == 1 and sh.table["bandlimited"][0] and sh.table["source_rate"][0] == 16000
+
+    class Repeat(torch.nn.Module):   # a stand-in bandwidth extender: sample-and-hold upsampling
+        def forward(self, x):
+            return x.repeat_interleave(2, dim=-1)
+    torch.jit.script(Repeat()).save(str(tmp_path / "bwe.pt"))
+    run_shard(m, 0, 1, tiny_codec_dir, tmp_path / "bwe.zarr",
+              {"low_rate_policy": "bwe", "bwe_model": str(tmp_path / "bwe.pt")})
+    sh = C.Shard(tmp_path / "bwe.zarr")
+    assert len(sh) == 1 and not sh.table["bandlimited"][0] and sh.table["source_rate"][0] == 16000
+
+
+def test_cache_info_cli_and_disagreeing_shards(good_cache, tmp_path):
+    d, _, _ = good_cache
+    run = lambda p: subprocess.run([sys.executable, "-m", "pipeline", "cache-info", str(p), "--json"],
+                                   capture_output=True, text=True)
+    r = run(d)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["utterances"] == 8 and len(info["shards"]) == 2
+    assert info["fingerprint"]["hop"] == 512 and info["fingerprint"]["strides"] == [4, 2, 1]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copytree(d / "shard-000.zarr", bad / "shard-000.zarr")
+    _rewrite_with_geometry(d / "shard-001.zarr", bad / "shard-001.zarr", hop_target=882)
+    r = run(bad)
+    assert r.returncode != 0 and "disagree" in r.stdout + r.stderr and "hop_target" in r.stdout + r.stderr
+
+
+def test_fingerprint_mismatch_is_refused(good_cache, tmp_path):
+    from pipeline.codec import build_codec, fingerprint
+    d, _, _ = good_cache
+    other = build_codec(TINY_24K, seed=99)
+    with pytest.raises(C.CacheError, match="codec_digest"):
+        C.open_cache(d, expect=fingerprint(other, 48000, C.CACHE_FORMAT))
