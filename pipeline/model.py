@@ -16,7 +16,7 @@ Smart init (the default) makes the new model start as "the 24 kHz output, upsamp
   * the output head is the pretrained head; its conv is dilated by r (architecture, for both
     inits) so it spans the same time at the new rate. With the hold above, the head then sees
     at every 48 kHz sample exactly the features it saw at the 24 kHz one, and the start is the
-    24 kHz output held for r samples (measured on the demo codec: 13.8 dB SNR against the soxr
+    24 kHz output held for r samples (measured on the demo codec: 11.7 dB SNR against the soxr
     upsampling of the 24 kHz output, vs -21 dB for random init; tests/test_model.py).
 (A linear-interpolating upsampler was tried first: learned features alternate in sign from
 sample to sample, so interpolated features gave -10 dB; and an undilated head, -14 dB.)

@@ -66,13 +66,16 @@ rule export_final:
     input:
         model=f"{PHASE_DIR}/{PHASES[-1]}/model.safetensors",
         config=f"{PHASE_DIR}/{PHASES[-1]}/config.json",
+        evaluation=f"{PHASE_DIR}/eval.json",
     output:
         final=f"{PHASE_DIR}/final.pt",
         model=f"{PHASE_DIR}/model.safetensors",
         config=f"{PHASE_DIR}/config.json",
+    params:
+        phase_dir=f"{PHASE_DIR}/{PHASES[-1]}",
     log:
         f"{LOGS}/export_final.log",
     benchmark:
         f"{BENCH}/export_final.tsv"
     shell:
-        "{PY} export --phase-dir {PHASE_DIR}/{PHASES[-1]} --out {output.final:q} 2>&1 | tee {log}"
+        "{PY} export --phase-dir {params.phase_dir:q} --out {output.final:q} 2>&1 | tee {log}"
