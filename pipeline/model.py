@@ -20,8 +20,9 @@ Smart init (the default) makes the new model start as "the 24 kHz output, upsamp
     upsampling of the 24 kHz output, vs -21 dB for random init; tests/test_model.py).
 (A linear-interpolating upsampler was tried first: learned features alternate in sign from
 sample to sample, so interpolated features gave -10 dB; and an undilated head, -14 dB.)
-All writes go through weight_norm's parametrization (`module.weight = W` calls right_inverse
-and sets original0/original1); writing into `.weight` in place would change nothing.
+All writes go to the parameters weight_norm really holds: `module.weight = W` (right_inverse sets
+original0 = |W| and original1 = W) or original0 (the norm g) directly; writing into `.weight` in
+place would change nothing, as a test shows.
 `random` init leaves the new block at PyTorch's default init (the baseline).
 """
 from __future__ import annotations
@@ -136,7 +137,7 @@ def smart_init(model: SNAC48) -> None:
         dst.load_state_dict(s.state_dict())
         if isinstance(dst, ResidualUnit):
             out_conv = dst.block[-1]
-            out_conv.weight = out_conv.weight * RESIDUAL_GAIN
+            out_conv.parametrizations.weight.original0.mul_(RESIDUAL_GAIN)   # the norm g; v stays
             out_conv.bias.mul_(RESIDUAL_GAIN)
 
 

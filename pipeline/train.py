@@ -101,7 +101,8 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir) ->
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(state["step"] * s["grad_accum"], len(batches))),
         batch_size=None, num_workers=s["num_workers"], persistent_workers=False,
-        prefetch_factor=4 if s["num_workers"] else None)
+        prefetch_factor=4 if s["num_workers"] else None,
+        generator=torch.Generator().manual_seed(s["seed"]))   # not the global RNG: resume restores that
     it = iter(loader)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()

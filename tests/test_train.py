@@ -1,0 +1,230 @@
+"""The 48 kHz model and the trainer: smart init that really takes, resume, LoRA, export."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_24K, tiny_codec
+
+from pipeline import audio as A
+from pipeline import model as M
+from pipeline import train as T
+from pipeline.cache import open_cache
+from pipeline.codec import load_codec, noise_disabled, state_digest
+from pipeline.data import build_pool, collate, fixed_segments, segment_frames
+from pipeline.losses import ReconstructionLoss
+from pipeline.precompute import run_shard
+from pipeline.settings import TRAIN_DEFAULTS, merge
+
+
+def snr_db(ref, x):
+    return float(10 * np.log10((ref ** 2).sum() / ((x - ref) ** 2).sum()))
+
+
+def test_smart_init_really_changes_the_new_block():
+    codec = tiny_codec()
+    smart, rand = M.from_codec(codec, 48000, "smart", seed=0), M.from_codec(codec, 48000, "random", seed=0)
+    s, r = dict(smart.decoder.new_block.named_parameters()), dict(rand.decoder.new_block.named_parameters())
+    # every smart-initialised tensor differs from PyTorch's default init of the same seed (the
+    # residual units' Snake alphas are copies too, but the tiny codec's are still at their default)
+    changed = [n for n in s if not torch.equal(s[n], r[n])]
+    assert sorted(set(s) - set(changed)) == sorted(n for n in s if n.startswith("block.") and
+                                                   n.endswith("alpha") and n != "block.0.alpha")
+    # the upsampler is a per-channel hold: computed weight (through weight_norm) equals the design
+    up = smart.decoder.new_block.block[1]
+    C, k = up.weight.shape[0], up.weight.shape[-1]
+    want = torch.zeros(C, C, k)
+    want[torch.arange(C), torch.arange(C), 1:3] = 1.0
+    torch.testing.assert_close(up.weight.detach(), want, atol=1e-6, rtol=0)
+    # residual units: direction tensors equal their sources, gains scaled by RESIDUAL_GAIN
+    last = [m for m in smart.decoder.model if m.__class__.__name__ == "DecoderBlock"][-1]
+    for dst, src in zip(smart.decoder.new_block.block[-3:], last.block[-3:]):
+        d, sr = dict(dst.named_parameters()), dict(src.named_parameters())
+        for name in d:
+            if name.startswith("block.3."):
+                factor = M.RESIDUAL_GAIN if name.endswith(("original0", "bias")) else 1.0
+                torch.testing.assert_close(d[name], sr[name] * factor)
+            else:
+                assert torch.equal(d[name], sr[name]), name
+    # pretrained parts are the codec's, bit for bit
+    for part, ref in ((smart.encoder, codec.encoder), (smart.quantizer, codec.quantizer)):
+        assert state_digest(part.state_dict()) == state_digest(ref.state_dict())
+    head = smart.decoder.model[-2]
+    assert head.dilation == (2,) and torch.equal(head.weight, codec.decoder.model[-2].weight)
+
+
+def test_in_place_write_into_weight_norm_does_nothing():
+    """Why smart_init assigns `.weight = W`: writing into the computed weight is lost."""
+    up = M.from_codec(tiny_codec(), 48000, "random").decoder.new_block.block[1]
+    before = up.weight.detach().clone()
+    with torch.no_grad():
+        up.weight.zero_()
+    assert torch.equal(up.weight, before)
+
+
+@torch.no_grad()
+def test_smart_init_starts_at_the_upsampled_24k_output():
+    """Measure: SNR of the 48 kHz output against the soxr upsampling of the 24 kHz decode
+    (noise off). Bound: smart >= 6 dB on every clip, random <= 0 dB."""
+    from conftest import speechlike
+    codec = tiny_codec()
+    smart, rand = M.from_codec(codec, 48000, "smart"), M.from_codec(codec, 48000, "random")
+    for seed in range(3):
+        x = torch.from_numpy(speechlike(1.5, 24000, seed=10 + seed))[None, None]
+        with noise_disabled(codec), noise_disabled(smart), noise_disabled(rand):
+            codes = codec.encode(x)
+            ref = A.resample(codec.decode(codes)[0, 0].numpy(), 24000, 48000)
+            ys, yr = smart.decode(codes)[0, 0].numpy(), rand.decode(codes)[0, 0].numpy()
+        n = min(len(ref), len(ys))
+        assert snr_db(ref[:n], ys[:n]) >= 6.0
+        assert snr_db(ref[:n], yr[:n]) <= 0.0
+
+
+# ---- a small cache from the demo corpus -------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    from pipeline.codec import save_codec
+    from pipeline.demo import generate_demo
+    d = tmp_path_factory.mktemp("train")
+    generate_demo(d / "demo", seed=5, n_train=6, n_heldout=3, min_seconds=1.2, max_seconds=2.0)
+    save_codec(tiny_codec(), d / "codec")
+    for name, m, n in (("cache", "manifest.jsonl", 2), ("heldout", "heldout.jsonl", 1)):
+        for k in range(n):
+            run_shard(d / "demo" / m, k, n, d / "codec", d / name / f"shard-{k:03d}.zarr")
+    return d
+
+
+def settings(**over):
+    base = {"steps": 8, "batch_size": 2, "segment_seconds": 0.25, "warmup_steps": 2, "val_every": 4,
+            "val_batches": 1, "ckpt_every": 2, "keep_best": 1, "log_every": 2, "n_ffts": [256, 512],
+            "n_mels": 40, "num_workers": 0, "lr": 1e-3, "trainable": "new_block"}
+    return merge(merge(TRAIN_DEFAULTS, base), over)
+
+
+def run(d, phase, s, out, init=None):
+    shards = sorted(str(p) for p in (d / "cache").glob("shard-*.zarr"))
+    held = sorted(str(p) for p in (d / "heldout").glob("shard-*.zarr"))
+    return T.train(phase, s, d / "codec", shards, held, init, out)
+
+
+def test_smart_init_has_lower_heldout_loss_at_step_0(small_cache):
+    codec = load_codec(small_cache / "codec")
+    held = open_cache(small_cache / "heldout")
+    n = segment_frames(0.5, held[0].fingerprint)
+    codes, target = collate(fixed_segments(held, n, 8))
+    loss = ReconstructionLoss(48000, {"l1": 1, "stft": 1, "mel": 1}, n_ffts=[512, 1024], n_mels=64)
+    out = {}
+    for init in ("smart", "random"):
+        m = M.from_codec(codec, 48000, init)
+        with torch.no_grad(), noise_disabled(m):
+            out[init] = float(loss(m.decode(codes), target)[0])
+    assert out["smart"] < out["random"], out
+
+
+def lose(fn):
+    """Stop the trainer like a kill right after the checkpoint of step 4 is written."""
+    def wrapped(ckdir, step, *a, **k):
+        path = fn(ckdir, step, *a, **k)
+        if step == 4:
+            raise KeyboardInterrupt
+        return path
+    return wrapped
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+    return load_file(folder / "model.safetensors")
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(small_cache, tmp_path, monkeypatch):
+    s = settings()
+    run(small_cache, "warmup", s, tmp_path / "straight")
+    with monkeypatch.context() as mp:
+        mp.setattr(T, "save_checkpoint", lose(T.save_checkpoint))
+        with pytest.raises(KeyboardInterrupt):
+            run(small_cache, "warmup", s, tmp_path / "killed")
+    assert (tmp_path / "killed/checkpoints/step_0000004/trainer_state.json").exists()
+    state = run(small_cache, "warmup", s, tmp_path / "killed")
+    assert state["step"] == 8
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+    # checkpoints kept: the newest (for resume) and the best by validation loss
+    kept = sorted(p.name for p in (tmp_path / "killed/checkpoints").iterdir())
+    assert "step_0000008" in kept and len(kept) <= 2
+    for f in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"):
+        assert (tmp_path / "killed/checkpoints/step_0000008" / f).exists()
+
+
+def test_checkpoints_of_another_run_are_not_resumed(small_cache, tmp_path, monkeypatch):
+    with monkeypatch.context() as mp:
+        mp.setattr(T, "save_checkpoint", lose(T.save_checkpoint))
+        with pytest.raises(KeyboardInterrupt):
+            run(small_cache, "warmup", settings(), tmp_path)
+    state = run(small_cache, "warmup", settings(lr=2e-3), tmp_path)    # changed hyperparameter
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert state["step"] == 8 and cfg["settings"]["lr"] == 2e-3
+    runs = {json.loads((d / "trainer_state.json").read_text())["run"] for d in (tmp_path / "checkpoints").iterdir()}
+    assert runs == {cfg["run"]}      # the first run's step 4 was removed, not resumed
+
+
+def test_phases_chain_encoder_frozen_lora_merged(small_cache, tmp_path):
+    codec = load_codec(small_cache / "codec")
+    run(small_cache, "warmup", settings(steps=4), tmp_path / "warmup")
+    w = weights(tmp_path / "warmup")
+    run(small_cache, "full", settings(steps=4, trainable="decoder"), tmp_path / "full", tmp_path / "warmup")
+    f = weights(tmp_path / "full")
+    lora = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["decoder.*"]}
+    run(small_cache, "lora", settings(steps=4, trainable="lora", lora=lora, lr=1e-2), tmp_path / "lora",
+        tmp_path / "full")
+    lw = weights(tmp_path / "lora")
+    ref = codec.state_dict()
+    for sd in (w, f, lw):   # encoder and quantizer bit-identical in every phase output
+        assert all(torch.equal(sd[k], ref[k]) for k in ref if k.startswith(("encoder.", "quantizer.")))
+    # warmup trains only the new block; full moves the rest of the decoder
+    assert all(torch.equal(w[k], ref[k]) for k in ref if k.startswith("decoder."))
+    assert any(not torch.equal(f[k], w[k]) for k in w if k.startswith("decoder.model."))
+    # lora: adapter tensors only, metadata, merged weights differ from the base
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "lora/lora_weights.safetensors"), "pt") as fh:
+        keys, meta = list(fh.keys()), fh.metadata()
+    assert keys and all("lora_" in k for k in keys)
+    assert meta["rank"] == "2" and float(meta["alpha"]) == 4.0 and "decoder.*" in meta["targets"]
+    assert lw.keys() == f.keys() and any(not torch.equal(lw[k], f[k]) for k in f)
+    # export: final.pt loads with weights_only and by the package's loader
+    M.export_final(tmp_path / "lora", tmp_path / "final.pt")
+    blob = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert all(torch.equal(blob["state_dict"][k], lw[k]) for k in lw)
+    m = M.load_model(tmp_path / "final.pt")
+    assert m.target_rate == 48000 and m.geometry.hop == 512
+
+
+def test_nonfinite_losses_skip_then_abort(small_cache, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = T.ReconstructionLoss.forward
+
+    def flaky(self, pred, target):
+        calls["n"] += 1
+        loss, terms = real(self, pred, target)
+        return (loss * float("nan"), terms) if calls["n"] in (2, 3) or calls["n"] > 5 else (loss, terms)
+    monkeypatch.setattr(T.ReconstructionLoss, "forward", flaky)
+    with pytest.raises(RuntimeError, match="non-finite losses in a row"):
+        run(small_cache, "warmup", settings(steps=20, max_nonfinite=3, val_every=100), tmp_path)
+    state = json.loads(sorted((tmp_path / "checkpoints").glob("step_*"))[-1].joinpath("trainer_state.json").read_text())
+    assert state["nonfinite_total"] >= 2
+
+
+def test_pool_filters_dataset_and_bandlimited(small_cache):
+    shards = open_cache(small_cache / "cache")
+    n = segment_frames(0.25, shards[0].fingerprint)
+    every = build_pool(shards, n)
+    only1 = build_pool(shards, n, dataset_ids=[1])
+    ids = [int(sh.table["dataset_id"][i]) for sh in shards for i in range(len(sh))]
+    assert len(every.items) == len(ids) and len(only1.items) == ids.count(1)
+    assert only1.excluded["dataset_id filtered out"] == ids.count(0)
+    shards[0].table["bandlimited"][0] = True
+    assert build_pool(shards, n).excluded["band-limited source"] == 1
+    assert len(build_pool(shards, n, allow_bandlimited=True).items) == len(ids)
