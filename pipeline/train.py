@@ -29,7 +29,8 @@ from .data import SegmentBatches, build_pool, collate, fixed_segments, open_trai
 from .losses import ReconstructionLoss
 from .model import from_codec, load_model, save_model
 from .settings import check_phase
-from .ui import console
+from .ui import console, progress
+from rich.progress import TextColumn
 
 
 def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir) -> dict:
@@ -107,54 +108,58 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir) ->
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
     t_start, seg_done = time.time(), 0
-    for step in range(state["step"] + 1, s["steps"] + 1):
-        opt.zero_grad(set_to_none=True)
-        terms_sum, ok = {}, True
-        for _ in range(s["grad_accum"]):
-            codes, target = next(it)
-            codes, target = [c.to(device) for c in codes], target.to(device)
-            with autocast:
-                pred = model.decode(codes)
-            loss, terms = loss_fn(pred.float(), target)
-            if not torch.isfinite(loss):
-                ok = False
-                break
-            (loss / s["grad_accum"]).backward()
-            for k, v in {"loss": loss.detach(), **terms}.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / s["grad_accum"]
-            seg_done += target.shape[0]
-        if ok:
-            gnorm = torch.nn.utils.clip_grad_norm_(trainable, s["grad_clip"] or float("inf"))
-            opt.step()
-            state["nonfinite_run"] = 0
-        else:
-            state["nonfinite_run"] += 1
-            state["nonfinite_total"] += 1
-            console.print(f"[yellow]step {step}: non-finite loss, step skipped "
-                          f"({state['nonfinite_run']} in a row, {state['nonfinite_total']} in all)")
-            if state["nonfinite_run"] >= s["max_nonfinite"]:
-                raise RuntimeError(f"{state['nonfinite_run']} non-finite losses in a row at step {step} "
-                                   f"(max_nonfinite {s['max_nonfinite']}): lower the lr, check the data")
-        sched.step()
-        state["step"] = step
-        record = {"step": step, "lr": sched.get_last_lr()[0]}
-        if ok and (step % s["log_every"] == 0 or step == s["steps"]):
-            rate = seg_done / max(time.time() - t_start, 1e-9)
-            record.update({f"train/{k}": v for k, v in terms_sum.items()},
-                          grad_norm=float(gnorm), segments_per_s=rate)
-            eta = (s["steps"] - step) * s["batch_size"] * s["grad_accum"] / max(rate, 1e-9)
-            console.print(f"{phase} step {step}/{s['steps']} loss {terms_sum['loss']:.4f} "
-                          f"lr {record['lr']:.2e} {rate:.1f} seg/s eta {eta:.0f} s")
-        if step % s["val_every"] == 0 or step == s["steps"]:
-            record["val/loss"] = validate(model, loss_fn, val, s["batch_size"], device, autocast)
-            state["best"] = sorted(state["best"] + [[record["val/loss"], step]])[: s["keep_best"]]
-            console.print(f"{phase} step {step}: validation loss {record['val/loss']:.4f}")
-            model.train()
-        if len(record) > 2:
-            log_metrics(metrics_path, tb, record)
-        if step % s["ckpt_every"] == 0 or "val/loss" in record or step == s["steps"]:
-            save_checkpoint(ckdir, step, model, opt, sched, state)
-            prune_checkpoints(ckdir, state)
+    with progress(TextColumn("{task.fields[info]}")) as bar:
+        task = bar.add_task(phase, total=s["steps"], completed=state["step"], info="")
+        for step in range(state["step"] + 1, s["steps"] + 1):
+            opt.zero_grad(set_to_none=True)
+            terms_sum, ok = {}, True
+            for _ in range(s["grad_accum"]):
+                codes, target = next(it)
+                codes, target = [c.to(device) for c in codes], target.to(device)
+                with autocast:
+                    pred = model.decode(codes)
+                loss, terms = loss_fn(pred.float(), target)
+                if not torch.isfinite(loss):
+                    ok = False
+                    break
+                (loss / s["grad_accum"]).backward()
+                for k, v in {"loss": loss.detach(), **terms}.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / s["grad_accum"]
+                seg_done += target.shape[0]
+            if ok:
+                gnorm = torch.nn.utils.clip_grad_norm_(trainable, s["grad_clip"] or float("inf"))
+                opt.step()
+                state["nonfinite_run"] = 0
+            else:
+                state["nonfinite_run"] += 1
+                state["nonfinite_total"] += 1
+                console.print(f"[yellow]step {step}: non-finite loss, step skipped "
+                              f"({state['nonfinite_run']} in a row, {state['nonfinite_total']} in all)")
+                if state["nonfinite_run"] >= s["max_nonfinite"]:
+                    raise RuntimeError(f"{state['nonfinite_run']} non-finite losses in a row at step {step} "
+                                       f"(max_nonfinite {s['max_nonfinite']}): lower the lr, check the data")
+            sched.step()
+            state["step"] = step
+            record = {"step": step, "lr": sched.get_last_lr()[0]}
+            if ok and (step % s["log_every"] == 0 or step == s["steps"]):
+                rate = seg_done / max(time.time() - t_start, 1e-9)
+                record.update({f"train/{k}": v for k, v in terms_sum.items()},
+                              grad_norm=float(gnorm), segments_per_s=rate)
+                eta = (s["steps"] - step) * s["batch_size"] * s["grad_accum"] / max(rate, 1e-9)
+                console.print(f"{phase} step {step}/{s['steps']} loss {terms_sum['loss']:.4f} "
+                              f"lr {record['lr']:.2e} {rate:.1f} seg/s eta {eta:.0f} s")
+                bar.update(task, info=f"loss {terms_sum['loss']:.4f} lr {record['lr']:.2e} {rate:.1f} seg/s")
+            bar.update(task, completed=step)
+            if step % s["val_every"] == 0 or step == s["steps"]:
+                record["val/loss"] = validate(model, loss_fn, val, s["batch_size"], device, autocast)
+                state["best"] = sorted(state["best"] + [[record["val/loss"], step]])[: s["keep_best"]]
+                console.print(f"{phase} step {step}: validation loss {record['val/loss']:.4f}")
+                model.train()
+            if len(record) > 2:
+                log_metrics(metrics_path, tb, record)
+            if step % s["ckpt_every"] == 0 or "val/loss" in record or step == s["steps"]:
+                save_checkpoint(ckdir, step, model, opt, sched, state)
+                prune_checkpoints(ckdir, state)
     tb.close()
 
     # ---- phase outputs -------------------------------------------------------------------------

@@ -200,6 +200,29 @@ def test_phases_chain_encoder_frozen_lora_merged(small_cache, tmp_path):
     assert all(torch.equal(blob["state_dict"][k], lw[k]) for k in lw)
     m = M.load_model(tmp_path / "final.pt")
     assert m.target_rate == 48000 and m.geometry.hop == 512
+    # inference from the command line: any file in (here 44.1 kHz stereo), 48 kHz out
+    import subprocess, sys
+    import soundfile as sf
+    from conftest import speechlike
+    src = tmp_path / "in.wav"
+    sf.write(src, np.stack([speechlike(1.0, 44100, 3)] * 2, axis=1), 44100)
+    cli = [sys.executable, "-m", "pipeline"]
+    r = subprocess.run(cli + ["resynth", "--model", str(tmp_path / "final.pt"), str(src), str(tmp_path / "out.wav")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    y, sr = sf.read(tmp_path / "out.wav")
+    assert sr == 48000 and abs(len(y) - 48000) <= 2
+    codes = m.encode(torch.from_numpy(speechlike(0.5, 24000, 4))[None, None])
+    np.savez(tmp_path / "codes.npz", *[c[0].numpy() for c in codes])
+    r = subprocess.run(cli + ["decode", "--model", str(tmp_path / "final.pt"), str(tmp_path / "codes.npz"),
+                              str(tmp_path / "dec.wav")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    y, sr = sf.read(tmp_path / "dec.wav")
+    assert sr == 48000 and len(y) == len(codes[-1][0]) * m.geometry.hop_target
+    np.savez(tmp_path / "bad.npz", *[c[0].numpy() for c in codes[:2]])
+    r = subprocess.run(cli + ["decode", "--model", str(tmp_path / "final.pt"), str(tmp_path / "bad.npz"),
+                              str(tmp_path / "bad.wav")], capture_output=True, text=True)
+    assert r.returncode != 0 and "codebooks" in r.stdout + r.stderr
 
 
 def test_nonfinite_losses_skip_then_abort(small_cache, tmp_path, monkeypatch):
