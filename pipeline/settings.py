@@ -20,16 +20,19 @@ TRAIN_DEFAULTS = {
     "lambdas": {"l1": 1.0, "stft": 1.0, "mel": 1.0},
     "n_ffts": [1024, 2048, 4096, 8192], "n_mels": 128,
     "dataset_ids": None, "allow_bandlimited": False,
-    "trainable": "decoder", "init": "smart",
-    "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["decoder.*"]},
+    # parameter groups: module-name patterns (fnmatch; a pattern also covers everything under the
+    # module), each trainable or frozen with its own lr factor; parameters in no group are frozen
+    "groups": [{"pattern": "decoder", "trainable": True, "lr_factor": 1.0}],
+    "init": "smart",
+    "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["decoder.*"]},
     "device": "auto", "num_workers": 2, "preload": "auto",
 }
 PHASE_DEFAULTS = {
-    "warmup": {"trainable": "new_block", "lr": 5e-5},
-    "full": {"trainable": "decoder", "lr": 1e-5},
-    "lora": {"trainable": "lora", "lr": 1e-4},
+    "warmup": {"lr": 5e-5, "groups": [{"pattern": "decoder.new_block", "trainable": True, "lr_factor": 1.0}]},
+    "full": {"lr": 1e-5, "groups": [{"pattern": "decoder", "trainable": True, "lr_factor": 1.0}]},
+    "lora": {"lr": 1e-4, "lora": {"enabled": True},
+             "groups": [{"pattern": "*.lora_*", "trainable": True, "lr_factor": 1.0}]},
 }
-TRAINABLE = ("new_block", "decoder", "lora")
 INITS = ("smart", "random")
 
 
@@ -53,8 +56,10 @@ def check_phase(s: dict, phase: str) -> None:
     unknown = set(s) - set(TRAIN_DEFAULTS)
     if unknown:
         raise ValueError(f"train.{phase}: unknown keys {sorted(unknown)}")
-    if s["trainable"] not in TRAINABLE:
-        raise ValueError(f"train.{phase}.trainable must be one of {TRAINABLE}")
+    for g in s["groups"]:
+        unknown = set(g) - {"pattern", "trainable", "lr_factor"}
+        if unknown or "pattern" not in g:
+            raise ValueError(f"train.{phase}.groups: each group is {{pattern, trainable, lr_factor}}, got {g}")
     if s["init"] not in INITS:
         raise ValueError(f"train.{phase}.init must be one of {INITS}")
     if s["warmup_steps"] > s["steps"]:

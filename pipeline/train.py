@@ -1,7 +1,8 @@
 """The trainer: one phase of the 48 kHz decoder, resumable, read top to bottom.
 
   settings  -> model (from the codec with smart/random init, or the previous phase's output)
-            -> trainable set (new_block | decoder | lora) -> AdamW + warmup/cosine schedule
+            -> preflight checklist (parameter groups, cache fingerprint, rates, data after filters)
+            -> AdamW param groups + warmup/cosine schedule
             -> resume from the newest step checkpoint of the same run, if any
             -> steps: batch k = f(seed, k); loss; skip non-finite; clip; step; log; validate; checkpoint
             -> phase outputs: model.safetensors + config.json (+ lora_weights.safetensors)
@@ -42,49 +43,69 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir) ->
     torch.manual_seed(s["seed"])
 
     # ---- data: the cache must have been built by this codec -----------------------------------
+    pf = Preflight(out / "preflight.json", phase)
     codec = load_codec(codec_dir)
-    from .cache import Shard
+    from .cache import CacheError, Shard
     target_rate = Shard(cache_paths[0]).fingerprint["target_rate"]
     fp = fingerprint(codec, target_rate, CACHE_FORMAT)
-    shards = open_training_cache(cache_paths, fp, s["preload"])
-    heldout = open_training_cache(heldout_paths, fp, s["preload"])
+    pf.add("codec weights loaded", True, f"{codec_dir} (sha256 {fp['codec_digest'][:12]})")
+    try:
+        shards = open_training_cache(cache_paths, fp, s["preload"])
+        heldout = open_training_cache(heldout_paths, fp, s["preload"])
+        pf.add("cache fingerprint = codec's", True, f"{len(shards)} + {len(heldout)} held-out shards, "
+               f"hop {fp['hop']}, strides {fp['strides']}, format {fp['cache_format']}")
+    except CacheError as e:
+        pf.add("cache fingerprint = codec's", False, str(e))
+        pf.finish()
     n_frames = segment_frames(s["segment_seconds"], fp)
     pool = build_pool(shards, n_frames, s["dataset_ids"], s["allow_bandlimited"])
-    batches = SegmentBatches(shards, pool, n_frames, s["batch_size"], s["seed"], s["steps"] * s["grad_accum"])
+    pf.add("utterances after filters", len(pool.items) > 0,
+           f"{len(pool.items)} (excluded: {pool.excluded or 'none'}); segments of {n_frames} frames = "
+           f"{n_frames * fp['hop_target'] / target_rate:.2f} s")
     val = fixed_segments(heldout, n_frames, s["val_batches"] * s["batch_size"])
-    if not val:
-        raise RuntimeError("no held-out segment as long as segment_seconds: validation impossible")
-    console.print(f"[bold]{phase}[/]: {len(pool.items)} training utterances "
-                  f"(excluded: {pool.excluded or 'none'}), {len(val)} validation segments, "
-                  f"segments of {n_frames} frames = {n_frames * fp['hop_target'] / target_rate:.2f} s, device {device}")
+    pf.add("validation segments", len(val) > 0, f"{len(val)} from the held-out cache")
+    pf.add("schedule", 0 < s["warmup_steps"] <= s["steps"] or s["warmup_steps"] == 0,
+           f"lr {s['lr']:g}, warmup {s['warmup_steps']} of {s['steps']} steps, cosine to x{s['lr_min_ratio']}, "
+           f"batch {s['batch_size']} x accum {s['grad_accum']}")
 
     # ---- model and what trains --------------------------------------------------------------
     if init_dir:
         model = load_model(init_dir)
-        for part, ref in ((model.encoder, codec.encoder), (model.quantizer, codec.quantizer)):
-            if state_digest(part.state_dict()) != state_digest(ref.state_dict()):
-                raise RuntimeError(f"{init_dir}: its encoder/quantizer differ from the codec's; "
-                                   "the codes would not mean the same thing")
+        same = all(state_digest(part.state_dict()) == state_digest(ref.state_dict())
+                   for part, ref in ((model.encoder, codec.encoder), (model.quantizer, codec.quantizer)))
+        pf.add("start weights", same, f"{init_dir}" if same else
+               f"{init_dir}: its encoder/quantizer differ from the codec's; the codes would not mean the same thing")
         start_weights = json.loads((Path(init_dir) / "config.json").read_text())["weights_digest"]
     else:
         model = from_codec(codec, target_rate, s["init"], s["seed"])
         start_weights = f"{fp['codec_digest']}:{s['init']}"
+        pf.add("start weights", True, f"codec + new block, {s['init']} init")
+    pf.add("sample rates", model.target_rate == target_rate and model.geometry.codec_rate == fp["codec_rate"],
+           f"codes at {fp['codec_rate']} Hz -> model and targets at {target_rate} Hz")
     lora_cfg = None
-    if s["trainable"] == "lora":
+    if s["lora"]["enabled"]:
         from .lora import LoRAConfig, apply_lora
         base_digest = state_digest(model.state_dict())
-        lora_cfg = LoRAConfig(**s["lora"])
+        lora_cfg = LoRAConfig(**{k: v for k, v in s["lora"].items() if k != "enabled"})
         wrapped = apply_lora(model, lora_cfg)
-        console.print(f"LoRA rank {lora_cfg.rank} alpha {lora_cfg.alpha} on {len(wrapped)} modules")
-    trainable = select_trainable(model, s["trainable"])
+        pf.add("LoRA adapters", bool(wrapped), f"rank {lora_cfg.rank}, alpha {lora_cfg.alpha} on {len(wrapped)} modules")
+    try:
+        groups, counts = param_groups(model, s["groups"], s["lr"])
+        pf.add("trainable parameters", sum(c["trainable"] for c in counts) > 0,
+               "; ".join(f"{c['pattern']}: {c['params']:,}" + (f" x{c['lr_factor']:g} lr" if c["trainable"] else " frozen")
+                         for c in counts))
+    except ValueError as e:
+        pf.add("trainable parameters", False, str(e))
+        pf.finish()
     model.to(device)
-    n_train = sum(p.numel() for p in trainable)
-    n_all = sum(p.numel() for p in model.parameters())
-    console.print(f"trainable {n_train:,} of {n_all:,} parameters ({s['trainable']})")
+    pf.add("device / precision", True, f"{device}, {'bf16 autocast' if device.type == 'cuda' else 'float32'}")
+    pf.finish()
+    trainable = [p for g in groups for p in g["params"]]
 
-    opt = torch.optim.AdamW(trainable, lr=s["lr"], betas=tuple(s["betas"]), weight_decay=s["weight_decay"])
+    opt = torch.optim.AdamW(groups, lr=s["lr"], betas=tuple(s["betas"]), weight_decay=s["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s))
     loss_fn = ReconstructionLoss(target_rate, s["lambdas"], n_ffts=s["n_ffts"], n_mels=s["n_mels"]).to(device)
+    batches = SegmentBatches(shards, pool, n_frames, s["batch_size"], s["seed"], s["steps"] * s["grad_accum"])
     run = hashlib.sha256(json.dumps([s, start_weights, fp], sort_keys=True).encode()).hexdigest()[:16]
 
     # ---- resume --------------------------------------------------------------------------------
@@ -176,21 +197,70 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir) ->
     return state
 
 
-def select_trainable(model, what: str) -> list:
-    """Freeze everything, then unfreeze the phase's set; returns the trainable parameters."""
-    for p in model.parameters():
+FROZEN_FOREVER = ("encoder.", "quantizer.")
+
+
+def param_groups(model, groups: list, lr: float):
+    """Optimizer param groups from the phase's groups; everything else frozen.
+
+    A pattern matches a parameter name with fnmatch, directly or as a module prefix
+    ("decoder.new_block" covers "decoder.new_block.*"). A pattern matching nothing, a parameter
+    matched by two patterns, or a trainable encoder/quantizer parameter is a config error."""
+    from fnmatch import fnmatchcase
+    owner, counts, out = {}, [], []
+    names = [n for n, _ in model.named_parameters()]
+    for g in groups:
+        pat = g["pattern"]
+        hits = [n for n in names if fnmatchcase(n, pat) or fnmatchcase(n, pat + ".*")]
+        if not hits:
+            raise ValueError(f"group pattern {pat!r} matches no parameter")
+        for n in hits:
+            if n in owner:
+                raise ValueError(f"group patterns {owner[n]!r} and {pat!r} overlap (both match {n})")
+            owner[n] = pat
+        if g.get("trainable", True) and any(n.startswith(FROZEN_FOREVER) for n in hits):
+            raise ValueError(f"group pattern {pat!r} would train the encoder or quantizer; they stay "
+                             "frozen so that the codes keep their meaning")
+    params = dict(model.named_parameters())
+    for p in params.values():
         p.requires_grad_(False)
-    if what == "new_block":
-        params = list(model.decoder.new_block.parameters())
-    elif what == "decoder":
-        params = list(model.decoder.parameters())
-    else:
-        params = [p for n, p in model.named_parameters() if "lora_" in n]
-    if not params:
-        raise RuntimeError(f"trainable '{what}' selects no parameters")
-    for p in params:
-        p.requires_grad_(True)
-    return params
+    for g in groups:
+        mine = [n for n, pat in owner.items() if pat == g["pattern"]]
+        trainable, factor = g.get("trainable", True), float(g.get("lr_factor", 1.0))
+        counts.append({"pattern": g["pattern"], "params": sum(params[n].numel() for n in mine),
+                       "trainable": trainable, "lr_factor": factor})
+        if trainable:
+            for n in mine:
+                params[n].requires_grad_(True)
+            out.append({"params": [params[n] for n in mine], "lr": lr * factor, "name": g["pattern"]})
+    rest = sum(p.numel() for n, p in params.items() if n not in owner)
+    counts.append({"pattern": "(no group)", "params": rest, "trainable": False, "lr_factor": 0.0})
+    return out, counts
+
+
+class Preflight:
+    """The checklist every training job prints (rich table) and saves (preflight.json) before it
+    trains; a failed item stops the job with its reason."""
+
+    def __init__(self, path: Path, phase: str):
+        self.path, self.phase, self.items = path, phase, []
+
+    def add(self, item: str, ok: bool, detail: str) -> bool:
+        self.items.append({"item": item, "ok": bool(ok), "detail": detail})
+        return ok
+
+    def finish(self) -> None:
+        from rich.table import Table
+        t = Table(title=f"preflight: {self.phase}")
+        for c in ("", "item", "detail"):
+            t.add_column(c)
+        for it in self.items:
+            t.add_row("[green]ok" if it["ok"] else "[bold red]FAIL", it["item"], it["detail"])
+        console.print(t)
+        failed = [it for it in self.items if not it["ok"]]
+        dump_json({"phase": self.phase, "ok": not failed, "items": self.items}, self.path)
+        if failed:
+            raise RuntimeError("preflight failed: " + "; ".join(f"{it['item']}: {it['detail']}" for it in failed))
 
 
 def lr_lambda(s: dict):

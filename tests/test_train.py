@@ -99,7 +99,8 @@ def small_cache(tmp_path_factory):
 def settings(**over):
     base = {"steps": 8, "batch_size": 2, "segment_seconds": 0.25, "warmup_steps": 2, "val_every": 4,
             "val_batches": 1, "ckpt_every": 2, "keep_best": 1, "log_every": 2, "n_ffts": [256, 512],
-            "n_mels": 40, "num_workers": 0, "lr": 1e-3, "trainable": "new_block"}
+            "n_mels": 40, "num_workers": 0, "lr": 1e-3,
+            "groups": [{"pattern": "decoder.new_block", "trainable": True, "lr_factor": 1.0}]}
     return merge(merge(TRAIN_DEFAULTS, base), over)
 
 
@@ -175,10 +176,11 @@ def test_phases_chain_encoder_frozen_lora_merged(small_cache, tmp_path):
     codec = load_codec(small_cache / "codec")
     run(small_cache, "warmup", settings(steps=4), tmp_path / "warmup")
     w = weights(tmp_path / "warmup")
-    run(small_cache, "full", settings(steps=4, trainable="decoder"), tmp_path / "full", tmp_path / "warmup")
+    run(small_cache, "full", settings(steps=4, groups=[{"pattern": "decoder", "trainable": True, "lr_factor": 1.0}]), tmp_path / "full", tmp_path / "warmup")
     f = weights(tmp_path / "full")
-    lora = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["decoder.*"]}
-    run(small_cache, "lora", settings(steps=4, trainable="lora", lora=lora, lr=1e-2), tmp_path / "lora",
+    lora = {"enabled": True, "rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["decoder.*"]}
+    groups = [{"pattern": "*.lora_*", "trainable": True, "lr_factor": 1.0}]
+    run(small_cache, "lora", settings(steps=4, groups=groups, lora=lora, lr=1e-2), tmp_path / "lora",
         tmp_path / "full")
     lw = weights(tmp_path / "lora")
     ref = codec.state_dict()
@@ -251,3 +253,50 @@ def test_pool_filters_dataset_and_bandlimited(small_cache):
     shards[0].table["bandlimited"][0] = True
     assert build_pool(shards, n).excluded["band-limited source"] == 1
     assert len(build_pool(shards, n, allow_bandlimited=True).items) == len(ids)
+
+
+def test_param_groups_freeze_and_scale_lr():
+    model = M.from_codec(tiny_codec(), 48000)
+    groups = [{"pattern": "decoder.new_block", "trainable": True, "lr_factor": 1.0},
+              {"pattern": "decoder.model", "trainable": True, "lr_factor": 0.1},
+              {"pattern": "encoder", "trainable": False}]
+    pg, counts = T.param_groups(model, groups, 1e-3)
+    assert [g["lr"] for g in pg] == [1e-3, pytest.approx(1e-4)]
+    opt_params = {id(p) for g in pg for p in g["params"]}
+    for n, p in model.named_parameters():
+        assert p.requires_grad == n.startswith("decoder.") == (id(p) in opt_params), n
+    assert counts[-1]["pattern"] == "(no group)" and counts[-1]["params"] > 0     # the quantizer
+    s = settings(lr=1e-3, warmup_steps=2, steps=8)
+    opt = torch.optim.AdamW(pg, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(s))
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs[0] == pytest.approx(10 * lrs[1]) and lrs[0] < 1e-3             # same schedule, own factor
+    for bad, msg in ((groups + [{"pattern": "decoder.new_block.block.0"}], "overlap"),
+                     ([{"pattern": "decoder.nwe_block"}], "decoder.nwe_block"),
+                     ([{"pattern": "encoder", "trainable": True}], "encoder or quantizer")):
+        with pytest.raises(ValueError, match=msg):
+            T.param_groups(model, bad, 1e-3)
+
+
+def test_preflight_stops_before_training(small_cache, tmp_path):
+    with pytest.raises(RuntimeError, match="preflight failed: utterances after filters"):
+        run(small_cache, "warmup", settings(dataset_ids=[7]), tmp_path)
+    report = json.loads((tmp_path / "preflight.json").read_text())
+    assert not report["ok"] and {i["item"] for i in report["items"] if not i["ok"]} == {"utterances after filters"}
+    assert not (tmp_path / "checkpoints").exists()
+    run(small_cache, "warmup", settings(steps=2, val_every=2), tmp_path)
+    report = json.loads((tmp_path / "preflight.json").read_text())
+    assert report["ok"] and {"cache fingerprint = codec's", "trainable parameters", "sample rates",
+                             "device / precision", "schedule"} <= {i["item"] for i in report["items"]}
+
+
+def test_training_refuses_a_cache_of_another_codec(small_cache, tmp_path):
+    from pipeline.codec import save_codec
+    save_codec(tiny_codec(seed=8), tmp_path / "other")
+    shards = sorted(str(p) for p in (small_cache / "cache").glob("shard-*.zarr"))
+    held = sorted(str(p) for p in (small_cache / "heldout").glob("shard-*.zarr"))
+    with pytest.raises(RuntimeError, match="codec_digest"):
+        T.train("warmup", settings(), tmp_path / "other", shards, held, None, tmp_path / "out")
