@@ -43,6 +43,10 @@ def main(argv=None) -> int:
     c.add_argument("cache")
     c.add_argument("--json", action="store_true")
 
+    c = sub.add_parser("convert-snac", help="official SNAC folder -> model.safetensors + config.json, verified")
+    c.add_argument("src")
+    c.add_argument("dst")
+
     c = sub.add_parser("train", help="train one phase of the 48 kHz decoder")
     c.add_argument("--phase", required=True)
     c.add_argument("--settings", type=_json, required=True)
@@ -65,6 +69,7 @@ def main(argv=None) -> int:
 
     c = sub.add_parser("resynth", help="any audio file in, 48 kHz out through the new decoder")
     c.add_argument("--model", required=True)
+    c.add_argument("--lora", default=None, help="a lora_weights.safetensors to apply at inference")
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--device", default="auto")
@@ -103,6 +108,10 @@ def _run(a) -> int | None:
         summarize(a.manifest, a.shards, a.out_dir)
     elif a.command == "cache-info":
         return _cache_info(a)
+    elif a.command == "convert-snac":
+        from .codec import convert_official
+        r = convert_official(a.src, a.dst)
+        print(f"converted {r['tensors']} tensors, verified one by one (sha256 {r['digest'][:12]}) -> {r['out']}")
     elif a.command == "train":
         from .train import train
         train(a.phase, a.settings, a.codec, a.cache, a.heldout, a.init, a.out)
@@ -114,8 +123,10 @@ def _run(a) -> int | None:
         evaluate(a.codec, a.heldout, dict(m.split("=", 1) for m in a.model), a.out, a.settings)
     elif a.command in ("resynth", "decode"):
         from . import infer
-        getattr(infer, a.command)(a.model, a.input if a.command == "resynth" else a.codes,
-                                  a.output, a.device)
+        if a.command == "resynth":
+            infer.resynth(a.model, a.input, a.output, a.device, a.lora)
+        else:
+            infer.decode(a.model, a.codes, a.output, a.device)
     elif a.command == "bench":
         from . import bench
         getattr(bench, a.what)(a.seconds)

@@ -166,3 +166,22 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def convert_official(src, dst) -> dict:
+    """Official SNAC folder (config.json + pytorch_model.bin) -> model.safetensors + config.json,
+    verified by reloading the written file and comparing every tensor (dtype, shape, bytes)."""
+    from safetensors.torch import load_file
+    src, dst = Path(src), Path(dst)
+    if not (src / "pytorch_model.bin").is_file():
+        raise FileNotFoundError(f"{src}: no pytorch_model.bin (official SNAC layout expected)")
+    model = load_codec(src)
+    original = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    save_codec(model, dst)
+    written = load_file(dst / "model.safetensors")
+    bad = [k for k in original if k not in written or written[k].dtype != original[k].dtype
+           or written[k].shape != original[k].shape or not torch.equal(written[k], original[k])]
+    extra = sorted(set(written) - set(original))
+    if bad or extra:
+        raise RuntimeError(f"round trip failed: {len(bad)} tensors differ ({bad[:5]}), extra {extra[:5]}")
+    return {"tensors": len(original), "digest": state_digest(original), "out": str(dst)}

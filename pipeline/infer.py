@@ -11,10 +11,16 @@ from .ui import console
 
 
 @torch.inference_mode()
-def resynth(model_path, src, dst, device="auto") -> None:
-    """Any audio file -> codec rate -> frozen encoder -> codes -> new decoder -> target-rate WAV."""
+def resynth(model_path, src, dst, device="auto", lora=None) -> None:
+    """Any audio file -> codec rate -> frozen encoder -> codes -> new decoder -> target-rate WAV,
+    optionally through a LoRA adapter (lora_weights.safetensors) applied on top of the model."""
     dev = pick_device(device)
     model = load_model(model_path, dev)
+    if lora:
+        loaded, skipped = model.load_lora(lora)
+        if skipped:
+            raise ValueError(f"{lora}: {len(skipped)} adapter tensors do not fit this model, e.g. {skipped[:3]}")
+        console.print(f"LoRA {lora}: {len(loaded)} tensors")
     g = model.geometry
     x, sr = A.read_mono(src)
     x = A.resample(x, sr, g.codec_rate)

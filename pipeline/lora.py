@@ -429,7 +429,7 @@ def load_lora(model: nn.Module, path, adapter: str | None = None,
     The adapter name defaults to the file's. If the model has no such adapter yet it is applied
     from the file's metadata (rank/alpha/dropout/targets). If `base_digest` is given and differs
     from the digest recorded in the file, a warning names both. Shape mismatches raise.
-    Merged wrappers are unmerged first."""
+    Merged wrappers are unmerged first; the loaded adapter becomes the active one."""
     from safetensors.torch import load_file
 
     cfg, meta = read_lora_metadata(path)
@@ -462,6 +462,7 @@ def load_lora(model: nn.Module, path, adapter: str | None = None,
     if missing:
         warnings.warn(f"{len(missing)} LoRA tensors of adapter {adapter!r} not in {path} "
                       f"(left at init): {missing[:5]}", stacklevel=2)
+    set_active_adapter(model, adapter)      # the adapter just loaded is the one in use
     return loaded, skipped
 
 

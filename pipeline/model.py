@@ -98,6 +98,33 @@ class SNAC48(nn.Module):
     def frozen_parts(self):
         return [self.encoder, self.quantizer]
 
+    # LoRA at inference: adapters hot-swap on the loaded base (see pipeline.lora)
+    def load_lora(self, path, adapter: str | None = None):
+        """-> (loaded, skipped) keys; warns if the adapter was trained on another base."""
+        from . import lora
+        return lora.load_lora(self, path, adapter, base_digest=self.base_digest())
+
+    def set_lora_enabled(self, enabled: bool) -> None:
+        from . import lora
+        lora.set_lora_enabled(self, enabled)
+
+    def set_active_adapter(self, name: str) -> None:
+        from . import lora
+        lora.set_active_adapter(self, name)
+
+    def unload_lora(self) -> None:
+        from . import lora
+        lora.unload_lora(self)
+
+    def get_lora_state_dict(self, adapter: str | None = None) -> dict:
+        from . import lora
+        return lora.lora_state_dict(self, adapter)
+
+    def base_digest(self) -> str:
+        """Digest of the weights without adapters (what LoRA files record as their base)."""
+        return state_digest({k.replace(".base.", "."): v for k, v in self.state_dict().items()
+                             if "lora_" not in k})
+
 
 def from_codec(codec: SNAC, target_rate: int, init: str = "smart", seed: int = 0) -> SNAC48:
     """A 48 kHz model whose pretrained parts are the codec's weights, new block initialised."""

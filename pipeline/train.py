@@ -85,7 +85,7 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir) ->
     lora_cfg = None
     if s["lora"]["enabled"]:
         from .lora import LoRAConfig, apply_lora
-        base_digest = state_digest(model.state_dict())
+        base_digest = model.base_digest()
         lora_cfg = LoRAConfig(**{k: v for k, v in s["lora"].items() if k != "enabled"})
         wrapped = apply_lora(model, lora_cfg)
         pf.add("LoRA adapters", bool(wrapped), f"rank {lora_cfg.rank}, alpha {lora_cfg.alpha} on {len(wrapped)} modules")
