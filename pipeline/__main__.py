@@ -43,6 +43,12 @@ def main(argv=None) -> int:
     c.add_argument("cache")
     c.add_argument("--json", action="store_true")
 
+    c = sub.add_parser("config-diff", help="each phase's effective settings beside a reference")
+    c.add_argument("--config", nargs="+", default=["config/config.yaml"], help="config file(s), layered")
+    c.add_argument("--against", default=None, help="another config (layered over the first --config) to compare each phase with")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--all", action="store_true", help="also list settings equal to the reference")
+
     c = sub.add_parser("convert-snac", help="official SNAC folder -> model.safetensors + config.json, verified")
     c.add_argument("src")
     c.add_argument("dst")
@@ -108,6 +114,14 @@ def _run(a) -> int | None:
         summarize(a.manifest, a.shards, a.out_dir)
     elif a.command == "cache-info":
         return _cache_info(a)
+    elif a.command == "config-diff":
+        from .configdiff import diff, load_config, show
+        base = load_config(a.config)
+        result = diff(base, load_config(a.config[:1] + [a.against]) if a.against else None)
+        if a.json:
+            print(json.dumps(result, indent=2))
+        else:
+            show(result, a.against or "settings shared by all phases", a.all)
     elif a.command == "convert-snac":
         from .codec import convert_official
         r = convert_official(a.src, a.dst)

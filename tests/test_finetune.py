@@ -100,3 +100,22 @@ def test_lora_hot_swap_on_a_loaded_model(tmp_path):
         warnings.simplefilter("always")
         other.load_lora(tmp_path / "a.safetensors")
     assert any("digest" in str(x.message) for x in w)
+
+
+def test_config_diff_marks_what_each_phase_changes(tmp_path):
+    import json
+    from conftest import ROOT
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pipeline", "config-diff", *a], cwd=ROOT,
+                                    capture_output=True, text=True)
+    r = run("--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert set(d) == {"warmup", "full", "lora"}
+    assert d["warmup"]["groups"]["status"] == "changed" and d["lora"]["lora.enabled"]["status"] == "changed"
+    assert d["warmup"]["betas"]["status"] == "default"
+    other = tmp_path / "other.yaml"
+    other.write_text("train:\n  full:\n    lr: 0.5\n")
+    d = json.loads(run("--json", "--against", str(other)).stdout)
+    assert d["full"]["lr"] == {"value": 3.0e-4, "reference": 0.5, "status": "changed"}
+    assert d["warmup"]["lr"]["status"] in ("same", "default")
+    assert "changed" in run().stdout
