@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     c.add_argument("--heldout", nargs="+", required=True, help="held-out cache shards")
     c.add_argument("--init", default=None, help="previous phase's output folder")
     c.add_argument("--out", required=True, help="phase folder")
+    c.add_argument("--init-checkpoint", default=None,
+                   help="warm restart from these weights (fresh optimizer and schedule, step 0)")
+    c.add_argument("--resume-from", default=None, help="exact resume from this step checkpoint of the same run")
+    c.add_argument("--no-resume", action="store_true", help="ignore this run's step checkpoints")
 
     c = sub.add_parser("export", help="merge LoRA and write final.pt + model.safetensors + config.json")
     c.add_argument("--phase-dir", required=True)
@@ -128,7 +132,12 @@ def _run(a) -> int | None:
         print(f"converted {r['tensors']} tensors, verified one by one (sha256 {r['digest'][:12]}) -> {r['out']}")
     elif a.command == "train":
         from .train import train
-        train(a.phase, a.settings, a.codec, a.cache, a.heldout, a.init, a.out)
+        s = dict(a.settings)
+        if a.init_checkpoint:
+            s["init_checkpoint"] = a.init_checkpoint
+        if a.no_resume:
+            s["resume"] = False
+        train(a.phase, s, a.codec, a.cache, a.heldout, a.init, a.out, a.resume_from)
     elif a.command == "export":
         from .model import export_final
         export_final(a.phase_dir, a.out)

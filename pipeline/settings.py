@@ -24,6 +24,12 @@ TRAIN_DEFAULTS = {
     # module), each trainable or frozen with its own lr factor; parameters in no group are frozen
     "groups": [{"pattern": "decoder", "trainable": True, "lr_factor": 1.0}],
     "init": "smart",
+    # warm restart: start from these weights (model folder, final.pt, .safetensors or a step
+    # checkpoint), loaded strictly or, on an architecture mismatch, non-strictly with a report;
+    # fresh optimizer and schedule, step 0
+    "init_checkpoint": None,
+    # exact resume from this run's own newest step checkpoint (same settings and inputs)
+    "resume": True,
     "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["decoder.*"]},
     "device": "auto", "num_workers": 2, "preload": "auto",
 }

@@ -34,7 +34,8 @@ from .ui import console, progress
 from rich.progress import TextColumn
 
 
-def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir) -> dict:
+def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, resume_from=None) -> dict:
+    """resume_from: a step checkpoint of this same run to resume exactly (default: the newest)."""
     check_phase(s, phase)
     out = Path(out_dir)
     ckdir = out / "checkpoints"
@@ -80,6 +81,8 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir) ->
         model = from_codec(codec, target_rate, s["init"], s["seed"])
         start_weights = f"{fp['codec_digest']}:{s['init']}"
         pf.add("start weights", True, f"codec + new block, {s['init']} init")
+    if s["init_checkpoint"]:
+        start_weights = warm_start(model, s["init_checkpoint"], s["groups"], pf)
     pf.add("sample rates", model.target_rate == target_rate and model.geometry.codec_rate == fp["codec_rate"],
            f"codes at {fp['codec_rate']} Hz -> model and targets at {target_rate} Hz")
     lora_cfg = None
@@ -110,7 +113,13 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir) ->
 
     # ---- resume --------------------------------------------------------------------------------
     state = {"run": run, "phase": phase, "step": 0, "best": [], "nonfinite_total": 0, "nonfinite_run": 0}
-    ck = latest_checkpoint(ckdir, run)
+    ck = latest_checkpoint(ckdir, run) if s["resume"] else None
+    if resume_from:
+        ck = Path(resume_from)
+        other = json.loads((ck / "trainer_state.json").read_text())["run"]
+        if other != run:
+            raise RuntimeError(f"{ck} belongs to run {other}, not this one ({run}): settings or inputs "
+                               "differ, so an exact resume is impossible; use init_checkpoint (warm restart)")
     if ck is not None:
         state = load_checkpoint(ck, model, opt, sched)
         console.print(f"[bold green]resuming[/] {phase} from {ck} (step {state['step']} of {s['steps']})")
@@ -198,6 +207,60 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir) ->
 
 
 FROZEN_FOREVER = ("encoder.", "quantizer.")
+
+
+def read_weights(path) -> dict:
+    """Weights from a model folder / step checkpoint (model.safetensors), a .safetensors file, or
+    a .pt/.bin file (final.pt's state_dict or a plain state dict), always weights_only."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).exists():
+                return read_weights(path / name)
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return blob.get("state_dict", blob)
+
+
+def warm_start(model, path, groups, pf) -> str:
+    """Load `path` into the model: strictly, else non-strictly with a table of missing, unexpected
+    and shape-mismatched keys. Refuses frozen (encoder/quantizer) tensors that differ from the codec,
+    and missing trained keys that no init covers (only the new block's come from `init`)."""
+    from fnmatch import fnmatchcase
+    from rich.table import Table
+    sd, own = read_weights(path), model.state_dict()
+    mismatched = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
+    unexpected = sorted(k for k in sd if k not in own)
+    missing = sorted(k for k in own if k not in sd)
+    changed = [k for k in sd if k.startswith(FROZEN_FOREVER) and k in own and k not in mismatched
+               and not torch.equal(sd[k], own[k])]
+    if changed:
+        pf.add("init_checkpoint", False, f"{path}: {len(changed)} encoder/quantizer tensors differ from the "
+               f"codec's (e.g. {changed[0]}): the codes would change meaning")
+        pf.finish()
+    trained = [g["pattern"] for g in groups if g.get("trainable", True)]
+    uncovered = [k for k in missing + mismatched if not k.startswith("decoder.new_block.") and "lora_" not in k
+                 and any(fnmatchcase(k, p) or fnmatchcase(k, p + ".*") for p in trained)]
+    if uncovered:
+        pf.add("init_checkpoint", False, f"{path} lacks {len(uncovered)} tensors this phase trains and no init "
+               f"covers (e.g. {uncovered[:3]})")
+        pf.finish()
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in mismatched}, strict=False)
+    if missing or unexpected or mismatched:
+        t = Table(title=f"init_checkpoint {path}: loaded non-strictly")
+        for c in ("missing (kept from init)", "unexpected (ignored)", "shape mismatch (kept from init)"):
+            t.add_column(c)
+        cols = [missing, unexpected, [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]]
+        for i in range(min(20, max(map(len, cols)))):
+            t.add_row(*(c[i] if i < len(c) else "" for c in cols))
+        console.print(t)
+    pf.add("init_checkpoint", True, f"{path}: {'strict' if not (missing or unexpected or mismatched) else 'non-strict'}"
+           f" ({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched); "
+           "fresh optimizer, step 0")
+    return state_digest(sd)
 
 
 def param_groups(model, groups: list, lr: float):

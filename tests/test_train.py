@@ -300,3 +300,40 @@ def test_training_refuses_a_cache_of_another_codec(small_cache, tmp_path):
     held = sorted(str(p) for p in (small_cache / "heldout").glob("shard-*.zarr"))
     with pytest.raises(RuntimeError, match="codec_digest"):
         T.train("warmup", settings(), tmp_path / "other", shards, held, None, tmp_path / "out")
+
+
+def test_warm_restart_loads_weights_with_fresh_optimizer(small_cache, tmp_path):
+    run(small_cache, "warmup", settings(), tmp_path / "first")
+    first = weights(tmp_path / "first")
+    # a new config, starting from the finished run's weights: step 0, fresh optimizer; with a
+    # vanishing lr the result is those weights, proving they were loaded
+    state = run(small_cache, "warmup", settings(lr=1e-30, steps=2, val_every=2,
+                                               init_checkpoint=str(tmp_path / "first")), tmp_path / "warm")
+    assert state["step"] == 2
+    warm = weights(tmp_path / "warm")
+    assert all(torch.allclose(warm[k], first[k], atol=1e-6) for k in first)
+    report = json.loads((tmp_path / "warm/preflight.json").read_text())
+    item = [i for i in report["items"] if i["item"] == "init_checkpoint"][0]
+    assert item["ok"] and "strict" in item["detail"] and "fresh optimizer" in item["detail"]
+    # an exact resume across different settings is refused, pointing at the warm restart
+    ck = sorted((tmp_path / "first/checkpoints").glob("step_*"))[-1]
+    with pytest.raises(RuntimeError, match="init_checkpoint"):
+        T.train("warmup", settings(lr=5e-3), small_cache / "codec",
+                sorted(str(p) for p in (small_cache / "cache").glob("*.zarr")),
+                sorted(str(p) for p in (small_cache / "heldout").glob("*.zarr")), None, tmp_path / "x", resume_from=ck)
+
+
+def test_init_checkpoint_non_strict_and_refusal(small_cache, tmp_path):
+    from safetensors.torch import save_file
+    # the 24 kHz codec itself: no new block (covered by the init mode) -> non-strict load
+    state = run(small_cache, "full", settings(steps=1, warmup_steps=0, val_every=1, init_checkpoint=str(small_cache / "codec"),
+                                              groups=[{"pattern": "decoder"}]), tmp_path / "a")
+    assert state["step"] == 1
+    item = [i for i in json.loads((tmp_path / "a/preflight.json").read_text())["items"] if i["item"] == "init_checkpoint"][0]
+    assert "non-strict" in item["detail"]
+    # a checkpoint lacking decoder tensors this phase trains is refused, naming them
+    sd = {k: v for k, v in load_codec(small_cache / "codec").state_dict().items() if not k.startswith("decoder.model.1.")}
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "partial.safetensors")
+    with pytest.raises(RuntimeError, match="decoder.model.1"):
+        run(small_cache, "full", settings(init_checkpoint=str(tmp_path / "partial.safetensors"),
+                                          groups=[{"pattern": "decoder"}]), tmp_path / "b")
