@@ -65,6 +65,7 @@ def main(argv=None) -> int:
                    help="warm restart from these weights (fresh optimizer and schedule, step 0)")
     c.add_argument("--resume-from", default=None, help="exact resume from this step checkpoint of the same run")
     c.add_argument("--no-resume", action="store_true", help="ignore this run's step checkpoints")
+    c.add_argument("--adapter", default="default", help="LoRA adapter name (lora phase)")
 
     c = sub.add_parser("export", help="merge LoRA and write final.pt + model.safetensors + config.json")
     c.add_argument("--phase-dir", required=True)
@@ -137,7 +138,7 @@ def _run(a) -> int | None:
             s["init_checkpoint"] = a.init_checkpoint
         if a.no_resume:
             s["resume"] = False
-        train(a.phase, s, a.codec, a.cache, a.heldout, a.init, a.out, a.resume_from)
+        train(a.phase, s, a.codec, a.cache, a.heldout, a.init, a.out, a.resume_from, a.adapter)
     elif a.command == "export":
         from .model import export_final
         export_final(a.phase_dir, a.out)

@@ -73,3 +73,21 @@ def check_phase(s: dict, phase: str) -> None:
     unknown = set(s["lambdas"]) - {"l1", "stft", "mel"}
     if unknown:
         raise ValueError(f"train.{phase}.lambdas: unknown terms {sorted(unknown)}")
+
+
+def lora_adapters(config: dict) -> tuple:
+    """(adapters {name: overrides}, name merged into final.pt or None). One job per adapter."""
+    lora = config.get("lora") or {}
+    adapters = lora.get("adapters") or {"default": {}}
+    final = lora.get("final", next(iter(adapters)))
+    if final is not None and final not in adapters:
+        raise ValueError(f"lora.final names {final!r}, but lora.adapters has {sorted(adapters)}")
+    return adapters, final
+
+
+def adapter_settings(config: dict, name: str) -> dict:
+    """The lora phase's settings with one adapter's overrides (e.g. its dataset_ids)."""
+    adapters, _ = lora_adapters(config)
+    s = merge(phase_settings(config, "lora"), adapters[name])
+    check_phase(s, f"lora.adapters.{name}")
+    return s

@@ -34,8 +34,10 @@ from .ui import console, progress
 from rich.progress import TextColumn
 
 
-def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, resume_from=None) -> dict:
-    """resume_from: a step checkpoint of this same run to resume exactly (default: the newest)."""
+def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, resume_from=None,
+          adapter="default") -> dict:
+    """resume_from: a step checkpoint of this same run to resume exactly (default: the newest);
+    adapter: the LoRA adapter's name when the phase trains LoRA."""
     check_phase(s, phase)
     out = Path(out_dir)
     ckdir = out / "checkpoints"
@@ -90,8 +92,8 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, re
         from .lora import LoRAConfig, apply_lora
         base_digest = model.base_digest()
         lora_cfg = LoRAConfig(**{k: v for k, v in s["lora"].items() if k != "enabled"})
-        wrapped = apply_lora(model, lora_cfg)
-        pf.add("LoRA adapters", bool(wrapped), f"rank {lora_cfg.rank}, alpha {lora_cfg.alpha} on {len(wrapped)} modules")
+        wrapped = apply_lora(model, lora_cfg, adapter)
+        pf.add("LoRA adapters", bool(wrapped), f"{adapter!r}: rank {lora_cfg.rank}, alpha {lora_cfg.alpha} on {len(wrapped)} modules")
     try:
         groups, counts = param_groups(model, s["groups"], s["lr"])
         pf.add("trainable parameters", sum(c["trainable"] for c in counts) > 0,
@@ -198,7 +200,7 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, re
              "best_val": state["best"], "nonfinite_skipped": state["nonfinite_total"]}
     if lora_cfg is not None:
         from .lora import merge_lora, save_lora
-        save_lora(model, out / "lora_weights.safetensors", lora_cfg, base_digest=base_digest)
+        save_lora(model, out / "lora_weights.safetensors", lora_cfg, adapter, base_digest=base_digest)
         merge_lora(model)
     save_model(model, out, extra)
     console.print(f"[bold]{phase} done[/]: {out}/model.safetensors (best validation "

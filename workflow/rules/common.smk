@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 from pipeline.manifest import parse_manifest, rows_digest, shard_rows
-from pipeline.settings import PHASES, merge, phase_settings
+from pipeline.settings import PHASES, adapter_settings, lora_adapters, merge, phase_settings
 from pipeline.precompute import DEFAULTS as PRECOMPUTE_DEFAULTS
 
 DEMO_DIR = "data/demo"
@@ -33,6 +33,7 @@ wildcard_constraints:
     cachedir="|".join(CACHE_SPLIT),
     sdir="|".join(SUMMARY_SPLIT),
     phase="|".join(PHASES),
+    adapter=r"[A-Za-z0-9_-]+",
 
 
 def is_demo(path):
@@ -95,6 +96,29 @@ PHASE_DIR = f"{RESULTS}/phase11"
 
 def phase_json(phase):
     return json.dumps(phase_settings(config, phase), sort_keys=True)
+
+
+def adapter_json(name):
+    return json.dumps(adapter_settings(config, name), sort_keys=True)
+
+
+try:
+    ADAPTERS, FINAL_ADAPTER = lora_adapters(config)
+except ValueError as e:
+    raise WorkflowError(str(e))
+
+
+def final_source():
+    """What final.pt holds: the full phase with the named adapter merged, or without (final: null)."""
+    return f"{PHASE_DIR}/lora/{FINAL_ADAPTER}" if FINAL_ADAPTER else f"{PHASE_DIR}/full"
+
+
+def eval_models():
+    """name -> phase output folder, for the evaluation table."""
+    m = {"warmup": f"{PHASE_DIR}/warmup", "full": f"{PHASE_DIR}/full"}
+    m.update({f"lora:{a}": f"{PHASE_DIR}/lora/{a}" for a in ADAPTERS if a != FINAL_ADAPTER})
+    m["final"] = final_source()
+    return m
 
 
 def all_targets():

@@ -6,14 +6,13 @@ rule evaluate:
     input:
         codec=codec_files(),
         heldout=shard_paths("heldout"),
-        models=[f"{PHASE_DIR}/{p}/model.safetensors" for p in PHASES],
+        models=[f"{d}/model.safetensors" for d in eval_models().values()],
     output:
         f"{PHASE_DIR}/eval.json",
     params:
         settings=json.dumps(config.get("eval", {}), sort_keys=True),
         codec=codec_dir(),
-        # the last phase's output is what final.pt holds
-        models=" ".join(f"--model {'final' if p == PHASES[-1] else p}={PHASE_DIR}/{p}" for p in PHASES),
+        models=" ".join(f"--model {n}={d}" for n, d in eval_models().items()),
     threads: 2
     log:
         f"{LOGS}/evaluate.log",
