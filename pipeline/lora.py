@@ -1,12 +1,13 @@
 """LoRA adapters for SNAC-style models (Linear, Conv1d, ConvTranspose1d, fused-QKV attention).
 
-Why our own module and not peft: peft is not installed in this environment, and (as we judged
-it when writing this) its convolution support does not cover what SNAC needs: low-rank deltas
-for `weight_norm`-parametrized ConvTranspose1d layers that are merged back through the
-parametrization, and splitting the fused `LocalMHA.to_qkv` projection into separate q/k/v
-adapters. The module is small (one wrapper class, one fused-QKV class, a few functions), so
-owning it is cheap; if peft gains these features the decision can be revisited, and the file
-format here (plain safetensors + string metadata) is easy to convert.
+Why our own module and not peft: tried with peft 0.21.2 on SNAC's layers (2026-11): a
+weight-normed ConvTranspose1d is refused ("Target module ParametrizedConvTranspose1d ... is not
+supported"), and SNAC's depthwise Conv1d (groups = channels) is refused unless the rank is a
+multiple of the groups ("support is limited to conv layers where the rank is divisible by
+groups"), i.e. rank >= 64 for snac_24khz's last blocks. Nor does it split a fused to_qkv into q/k/v
+adapters. Those are the decoder's layers, so peft would adapt only a fraction of it. The module
+here is small (one wrapper class, one fused-QKV class, a few functions); if peft gains these, the
+decision can be revisited, and the file format (plain safetensors + string metadata) converts.
 
 How it works
 ------------
