@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     c.add_argument("--settings", type=_json, required=True)
 
     c = sub.add_parser("precompute-shard", help="encode one shard of a manifest into the zarr cache")
-    c.add_argument("--manifest", required=True)
+    c.add_argument("--manifest", required=True, nargs="+", help="one or more manifests, in config order")
     c.add_argument("--shard", type=int, required=True)
     c.add_argument("--n-shards", type=int, required=True)
     c.add_argument("--codec", required=True, help="codec folder (config.json + weights)")
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     c.add_argument("--settings", type=_json, default={})
 
     c = sub.add_parser("precompute-summary", help="rejects.jsonl + summary.json for a manifest")
-    c.add_argument("--manifest", required=True)
+    c.add_argument("--manifest", required=True, nargs="+")
     c.add_argument("--out-dir", required=True)
     c.add_argument("shards", nargs="+")
 

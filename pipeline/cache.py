@@ -6,8 +6,8 @@ Layout of `shard-NNN.zarr` (all 1-D, ragged arrays concatenated with int64 offse
   audio_offsets    int64  n+1
   codes_<i>        int16/int32  codebook i, frames/stride_i codes per utterance
   codes_<i>_offsets int64 n+1
-  dataset_id int32, source_rate int32, samples int64 (true target-rate length),
-  bandlimited bool, clipped int32                      (the per-utterance table)
+  dataset_id int32, source int16 (manifest index), source_rate int32, samples int64 (true
+  target-rate length), bandlimited bool, clipped int32      (the per-utterance table)
   attrs: fingerprint {cache_format, codec_digest, codec_rate, target_rate, hop, hop_target,
          strides, pad_to, codebook_size}, ids [...], rejects [...], stats {...}
 
@@ -31,7 +31,7 @@ import zarr.codecs
 CACHE_FORMAT = 1
 AUDIO_CHUNK, AUDIO_SHARD = 2**16, 2**24
 CODE_CHUNK, CODE_SHARD = 2**14, 2**20
-TABLE = {"dataset_id": "int32", "source_rate": "int32", "samples": "int64",
+TABLE = {"dataset_id": "int32", "source": "int16", "source_rate": "int32", "samples": "int64",
          "bandlimited": "bool", "clipped": "int32"}
 
 

@@ -17,7 +17,7 @@ from .cache import open_cache
 @dataclass
 class Pool:
     """Utterances eligible for training and why the others are not."""
-    items: list = field(default_factory=list)    # (shard index, utterance index, usable frames)
+    items: list = field(default_factory=list)    # (shard index, utterance index, usable frames, source)
     excluded: dict = field(default_factory=dict)
 
     def exclude(self, reason: str):
@@ -43,28 +43,45 @@ def build_pool(shards, n_frames: int, dataset_ids=None, allow_bandlimited=False)
             elif sh.table["samples"][ui] // hop_t < n_frames:
                 pool.exclude("shorter than one segment")
             else:
-                pool.items.append((si, ui, int(sh.table["samples"][ui] // hop_t)))
+                pool.items.append((si, ui, int(sh.table["samples"][ui] // hop_t), int(sh.table["source"][ui])))
     return pool
 
 
 class SegmentBatches(torch.utils.data.Dataset):
     """Map-style dataset whose item k is the whole batch k (use with DataLoader(batch_size=None))."""
 
-    def __init__(self, shards, pool: Pool, n_frames: int, batch_size: int, seed: int, length: int):
+    def __init__(self, shards, pool: Pool, n_frames: int, batch_size: int, seed: int, length: int,
+                 source_weights: list | None = None):
         if not pool.items:
             raise RuntimeError(f"no training utterances left after filters: {pool.excluded}")
         self.shards, self.pool, self.n, self.bs, self.seed, self.length = shards, pool, n_frames, batch_size, seed, length
         self.coarse = max(shards[0].strides)
+        # with weights: pick a manifest by weight, then an utterance of it uniformly
+        self.by_source = None
+        if source_weights:
+            self.by_source = [[i for i, it in enumerate(pool.items) if it[3] == src]
+                              for src in range(len(source_weights))]
+            empty = [src for src, idx in enumerate(self.by_source) if not idx]
+            if empty:
+                raise RuntimeError(f"manifests {empty} have no training utterance after filters")
+            w = np.asarray(source_weights, dtype=float)
+            self.p = w / w.sum()
 
     def __len__(self):
         return self.length
 
+    def picks(self, rng) -> list:
+        """Pool indices of one batch."""
+        if self.by_source is None:
+            return list(rng.integers(len(self.pool.items), size=self.bs))
+        return [self.by_source[src][rng.integers(len(self.by_source[src]))]
+                for src in rng.choice(len(self.p), size=self.bs, p=self.p)]
+
     def __getitem__(self, k: int):
         rng = np.random.default_rng([self.seed, k])
-        picks = rng.integers(len(self.pool.items), size=self.bs)
         codes, audio = [], []
-        for p in picks:
-            si, ui, usable = self.pool.items[p]
+        for p in self.picks(rng):
+            si, ui, usable, _ = self.pool.items[p]
             slots = (usable - self.n) // self.coarse + 1
             offset = int(rng.integers(slots)) * self.coarse
             c, a = self.shards[si].segment(ui, offset, self.n)

@@ -2,7 +2,8 @@
 
 A manifest is JSONL, one utterance a line: `audio` (required; relative paths resolve against
 the manifest's folder), optional `id` (default: the `audio` string as written), `text`,
-`duration`, `dataset_id` (default 0). Blank lines are skipped; every other line is either a
+`duration`, `dataset_id` (default 0). Several manifests can be given (each row keeps its
+dataset_id and remembers its manifest as `source`, for sampling weights). Blank lines are skipped; every other line is either a
 `Row` or a reject with a reason. Rows go to shards by a stable hash of their id, so adding one
 utterance changes one shard. The Snakefile calls this at parse time (to give each shard job its
 audio files as inputs and a digest of its rows as a param) and each shard job calls it again.
@@ -23,6 +24,7 @@ class Row:
     dataset_id: int = 0
     text: str | None = None
     duration: float | None = None
+    source: int = 0     # which manifest (index in the configured list) the row comes from
 
 
 @dataclass
@@ -33,29 +35,37 @@ class Parsed:
     blank: int
 
 
-def parse_manifest(path) -> Parsed:
-    path = os.fspath(path)
-    base = os.path.dirname(path)
+def as_paths(manifest) -> list:
+    """One manifest path or several -> a list of path strings."""
+    return [os.fspath(manifest)] if isinstance(manifest, (str, os.PathLike)) else [os.fspath(m) for m in manifest]
+
+
+def parse_manifest(paths) -> Parsed:
+    """One manifest path or a list of them (rows remember their `source` index; ids must be
+    unique across all of them). Rejects carry the manifest path and the line number in it."""
+    paths = as_paths(paths)
     rows, rejects, seen = [], [], {}
     lines = blank = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                blank += 1
-                continue
-            lines += 1
-            row, reason, extra = _parse_line(raw, n, base)
-            if row is not None and row.id in seen:
-                row, reason = None, f"duplicate id (first on line {seen[row.id]})"
-            if row is None:
-                rejects.append({"line": n, **extra, "reason": reason})
-            else:
-                seen[row.id] = n
-                rows.append(row)
+    for source, path in enumerate(map(os.fspath, paths)):
+        base = os.path.dirname(path)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    blank += 1
+                    continue
+                lines += 1
+                row, reason, extra = _parse_line(raw, n, base, source)
+                if row is not None and row.id in seen:
+                    row, reason = None, f"duplicate id (first in {seen[row.id][0]} line {seen[row.id][1]})"
+                if row is None:
+                    rejects.append({"manifest": path, "line": n, **extra, "reason": reason})
+                else:
+                    seen[row.id] = (path, n)
+                    rows.append(row)
     return Parsed(rows, rejects, lines, blank)
 
 
-def _parse_line(raw: str, n: int, base: str):
+def _parse_line(raw: str, n: int, base: str, source: int = 0):
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -77,7 +87,7 @@ def _parse_line(raw: str, n: int, base: str):
         return None, "`duration` must be a number", extra
     text = obj.get("text")
     resolved = os.path.normpath(os.path.join(base, os.path.expanduser(audio)))
-    return Row(n, uid, resolved, ds, text if isinstance(text, str) else None, duration), None, extra
+    return Row(n, uid, resolved, ds, text if isinstance(text, str) else None, duration, source), None, extra
 
 
 def shard_of(uid: str, n_shards: int) -> int:

@@ -21,7 +21,7 @@ import torch
 from . import audio as A
 from .cache import ShardWriter, Shard, dump_json
 from .codec import fingerprint, geometry, load_codec, pick_device
-from .manifest import parse_manifest, shard_rows
+from .manifest import as_paths, parse_manifest, shard_rows
 from .cache import CACHE_FORMAT
 from .ui import console, progress
 
@@ -70,7 +70,7 @@ class Preparer:
             if y.dim() != 3 or abs(y.shape[-1] - want) > g.target_rate // g.codec_rate:
                 raise A.AudioError(f"bwe model returned shape {tuple(y.shape)}, expected (1, 1, {want})")
             target = y[0, 0].float().numpy()
-        return {"id": row.id, "dataset_id": row.dataset_id, "source_rate": sr, "x": codec_in,
+        return {"id": row.id, "dataset_id": row.dataset_id, "source": row.source, "source_rate": sr, "x": codec_in,
                 "target": target, "bandlimited": bandlimited, "seconds": len(x) / sr}
 
 
@@ -101,13 +101,15 @@ def encode_items(codec, geo, items: list, batch_seconds: float, device) -> None:
 
 
 def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dict | None = None) -> dict:
+    """`manifest`: one path or a list (the same list, in the same order, for every shard)."""
+    manifests = as_paths(manifest)
     s = settings_with_defaults(settings)
     t0 = time.time()
     device = pick_device(s["device"])
     codec = load_codec(codec_dir, device)
     geo = geometry(codec, s["target_rate"])
     fp = fingerprint(codec, s["target_rate"], CACHE_FORMAT)
-    rows = shard_rows(parse_manifest(manifest).rows, n_shards)[shard]
+    rows = shard_rows(parse_manifest(manifests).rows, n_shards)[shard]
     prep = Preparer(geo, s)
     writer = ShardWriter(out, fp)
     rejects, window, stats = [], [], {"rows": len(rows), "accepted": 0, "rejected": 0,
@@ -120,7 +122,7 @@ def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dic
             tgt, clipped = A.to_int16(it["target"][:n_target])
             audio = np.zeros(n_target, dtype=np.int16)
             audio[:len(tgt)] = tgt
-            writer.add(it["id"], audio, it["codes"], dataset_id=it["dataset_id"],
+            writer.add(it["id"], audio, it["codes"], dataset_id=it["dataset_id"], source=it["source"],
                        source_rate=it["source_rate"], samples=len(tgt),
                        bandlimited=it["bandlimited"], clipped=clipped)
             stats["accepted"] += 1
@@ -134,7 +136,8 @@ def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dic
             try:
                 window.append(prep(row))
             except A.AudioError as e:
-                rejects.append({"line": row.line, "id": row.id, "audio": row.audio, "reason": str(e)})
+                rejects.append({"manifest": manifests[row.source], "line": row.line, "id": row.id,
+                                "audio": row.audio, "reason": str(e)})
             if sum(len(it["x"]) for it in window) >= s["window_seconds"] * geo.codec_rate:
                 flush()
             bar.advance(task)
@@ -150,7 +153,8 @@ def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dic
 
 def summarize(manifest, shard_dirs, out_dir) -> dict:
     """Account for every manifest line: accepted into one shard, or rejected with a reason."""
-    parsed = parse_manifest(manifest)
+    manifests = as_paths(manifest)
+    parsed = parse_manifest(manifests)
     rejects = list(parsed.rejects)
     accepted, seconds, per_shard, seen = 0, 0.0, [], {}
     for p in shard_dirs:
@@ -164,8 +168,9 @@ def summarize(manifest, shard_dirs, out_dir) -> dict:
         seconds += sh.stats.get("seconds_accepted", 0.0)
         per_shard.append({"shard": Path(p).name, "accepted": len(sh), "rejected": len(sh.rejects),
                           "seconds": sh.stats.get("seconds_accepted", 0.0)})
-    rejects.sort(key=lambda r: r["line"])
-    summary = {"manifest": str(manifest), "lines": parsed.lines, "blank_lines": parsed.blank,
+    rejects.sort(key=lambda r: (manifests.index(r["manifest"]), r["line"]))
+    summary = {"manifest": manifests[0] if len(manifests) == 1 else manifests,
+               "lines": parsed.lines, "blank_lines": parsed.blank,
                "accepted": accepted, "rejected": len(rejects), "seconds_accepted": round(seconds, 3),
                "shards": per_shard, "reasons": _reason_counts(rejects)}
     if accepted + len(rejects) != parsed.lines:

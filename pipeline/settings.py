@@ -32,6 +32,9 @@ TRAIN_DEFAULTS = {
     "resume": True,
     "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["decoder.*"]},
     "device": "auto", "num_workers": 2, "preload": "auto",
+    # sampling weight per training manifest (from `manifest: [{path, weight}]`); None: uniform
+    # over utterances. Not a per-phase key: filled in from the manifest list.
+    "source_weights": None,
 }
 PHASE_DEFAULTS = {
     "warmup": {"lr": 5e-5, "groups": [{"pattern": "decoder.new_block", "trainable": True, "lr_factor": 1.0}]},
@@ -40,6 +43,13 @@ PHASE_DEFAULTS = {
              "groups": [{"pattern": "*.lora_*", "trainable": True, "lr_factor": 1.0}]},
 }
 INITS = ("smart", "random")
+
+
+def manifest_entries(value) -> list:
+    """`manifest: PATH` or `manifest: [{path, weight}, ...]` -> [(path, weight), ...]."""
+    if isinstance(value, str):
+        return [(value, 1.0)]
+    return [(m["path"], float(m.get("weight", 1.0))) for m in value]
 
 
 def merge(base: dict, over: dict | None) -> dict:
@@ -54,6 +64,8 @@ def phase_settings(config: dict, phase: str) -> dict:
         raise ValueError(f"unknown phase {phase!r}; phases are {PHASES}")
     train = config.get("train", {})
     s = merge(merge(merge(TRAIN_DEFAULTS, PHASE_DEFAULTS[phase]), train.get("defaults")), train.get(phase))
+    entries = manifest_entries(config.get("manifest", []))
+    s["source_weights"] = [w for _, w in entries] if len(entries) > 1 else None
     check_phase(s, phase)
     return s
 

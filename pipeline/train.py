@@ -65,6 +65,10 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, re
     pf.add("utterances after filters", len(pool.items) > 0,
            f"{len(pool.items)} (excluded: {pool.excluded or 'none'}); segments of {n_frames} frames = "
            f"{n_frames * fp['hop_target'] / target_rate:.2f} s")
+    if s["source_weights"]:
+        per = [sum(it[3] == k for it in pool.items) for k in range(len(s["source_weights"]))]
+        pf.add("manifest sampling weights", all(per), ", ".join(
+            f"manifest {k}: weight {w:g}, {n} utterances" for k, (w, n) in enumerate(zip(s["source_weights"], per))))
     val = fixed_segments(heldout, n_frames, s["val_batches"] * s["batch_size"])
     pf.add("validation segments", len(val) > 0, f"{len(val)} from the held-out cache")
     pf.add("schedule", 0 < s["warmup_steps"] <= s["steps"] or s["warmup_steps"] == 0,
@@ -110,7 +114,8 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, re
     opt = torch.optim.AdamW(groups, lr=s["lr"], betas=tuple(s["betas"]), weight_decay=s["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s))
     loss_fn = ReconstructionLoss(target_rate, s["lambdas"], n_ffts=s["n_ffts"], n_mels=s["n_mels"]).to(device)
-    batches = SegmentBatches(shards, pool, n_frames, s["batch_size"], s["seed"], s["steps"] * s["grad_accum"])
+    batches = SegmentBatches(shards, pool, n_frames, s["batch_size"], s["seed"], s["steps"] * s["grad_accum"],
+                             s["source_weights"])
     run = hashlib.sha256(json.dumps([s, start_weights, fp], sort_keys=True).encode()).hexdigest()[:16]
 
     # ---- resume --------------------------------------------------------------------------------

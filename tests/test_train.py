@@ -337,3 +337,31 @@ def test_init_checkpoint_non_strict_and_refusal(small_cache, tmp_path):
     with pytest.raises(RuntimeError, match="decoder.model.1"):
         run(small_cache, "full", settings(init_checkpoint=str(tmp_path / "partial.safetensors"),
                                           groups=[{"pattern": "decoder"}]), tmp_path / "b")
+
+
+def test_several_manifests_sampled_by_weight(small_cache, tmp_path):
+    """Three manifests (the demo rows dealt out 1/2/3) with weights 65/25/10: sampled
+    proportions follow the weights, not the manifests' sizes; rows keep their dataset_id."""
+    from pipeline.data import SegmentBatches
+    rows = (small_cache / "demo/manifest.jsonl").read_text().splitlines()
+    parts = [rows[:1], rows[1:3], rows[3:6]]
+    paths = []
+    for i, part in enumerate(parts):
+        p = small_cache / "demo" / f"part{i}.jsonl"
+        p.write_text("\n".join(part) + "\n")
+        paths.append(p)
+    run_shard(paths, 0, 1, small_cache / "codec", tmp_path / "shard-000.zarr")
+    shards = open_cache(tmp_path)
+    assert sorted(shards[0].table["source"].tolist()) == [0, 1, 1, 2, 2, 2]
+    want = {json.loads(r)["id"]: json.loads(r)["dataset_id"] for r in rows}
+    assert {u: int(d) for u, d in zip(shards[0].ids, shards[0].table["dataset_id"])} == want
+    n = segment_frames(0.25, shards[0].fingerprint)
+    pool = build_pool(shards, n)
+    b = SegmentBatches(shards, pool, n, 8, 0, 10**6, source_weights=[65, 25, 10])
+    counts = np.zeros(3)
+    for k in range(500):
+        for p in b.picks(np.random.default_rng([0, k])):
+            counts[pool.items[p][3]] += 1
+    np.testing.assert_allclose(counts / counts.sum(), [0.65, 0.25, 0.10], atol=0.03)
+    codes, target = b[3]
+    assert target.shape[0] == 8

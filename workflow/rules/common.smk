@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 from pipeline.manifest import parse_manifest, rows_digest, shard_rows
-from pipeline.settings import PHASES, adapter_settings, lora_adapters, merge, phase_settings
+from pipeline.settings import PHASES, adapter_settings, lora_adapters, manifest_entries, merge, phase_settings
 from pipeline.precompute import DEFAULTS as PRECOMPUTE_DEFAULTS
 
 DEMO_DIR = "data/demo"
@@ -19,9 +19,9 @@ PY = f"{sys.executable} -m pipeline"
 
 # split -> where its manifest comes from and where its cache and accounting go
 SPLITS = {
-    "train": dict(manifest=config["manifest"], cache="cache", summary="precompute",
+    "train": dict(manifest=[p for p, _ in manifest_entries(config["manifest"])], cache="cache", summary="precompute",
                   shards=config["precompute"]["shards"]),
-    "heldout": dict(manifest=config["heldout_manifest"], cache="cache_heldout",
+    "heldout": dict(manifest=[config["heldout_manifest"]], cache="cache_heldout",
                     summary="precompute/heldout", shards=config["precompute"]["heldout_shards"]),
 }
 CACHE_SPLIT = {v["cache"]: k for k, v in SPLITS.items()}
@@ -41,25 +41,25 @@ def is_demo(path):
 
 
 def manifest_of(split):
-    """The manifest path; waits for the demo corpus checkpoint when it is the demo's."""
-    m = SPLITS[split]["manifest"]
-    if is_demo(m):
-        checkpoints.demo_data.get()
-    elif not os.path.isfile(m):
-        raise WorkflowError(f"{split} manifest {m!r} does not exist (config key "
-                            f"{'manifest' if split == 'train' else 'heldout_manifest'})")
-    return m
+    """The split's manifest paths; waits for the demo corpus checkpoint when one is the demo's."""
+    for m in SPLITS[split]["manifest"]:
+        if is_demo(m):
+            checkpoints.demo_data.get()
+        elif not os.path.isfile(m):
+            raise WorkflowError(f"{split} manifest {m!r} does not exist (config key "
+                                f"{'manifest' if split == 'train' else 'heldout_manifest'})")
+    return SPLITS[split]["manifest"]
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded(split, mtime):
+def _sharded(split, mtimes):
     parsed = parse_manifest(SPLITS[split]["manifest"])
     return shard_rows(parsed.rows, SPLITS[split]["shards"])
 
 
 def shard_of_split(split, k):
-    m = manifest_of(split)
-    return _sharded(split, os.stat(m).st_mtime_ns)[k]
+    ms = manifest_of(split)
+    return _sharded(split, tuple(os.stat(m).st_mtime_ns for m in ms))[k]
 
 
 def shard_paths(split):
