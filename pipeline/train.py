@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import CACHE_FORMAT, dump_json
+from .cache import CACHE_FORMAT, CacheError, Shard, dump_json
 from .codec import fingerprint, load_codec, pick_device, state_digest
 from .data import SegmentBatches, build_pool, collate, fixed_segments, open_training_cache, segment_frames
 from .losses import ReconstructionLoss
@@ -48,7 +48,6 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, re
     # ---- data: the cache must have been built by this codec -----------------------------------
     pf = Preflight(out / "preflight.json", phase)
     codec = load_codec(codec_dir)
-    from .cache import CacheError, Shard
     target_rate = Shard(cache_paths[0]).fingerprint["target_rate"]
     fp = fingerprint(codec, target_rate, CACHE_FORMAT)
     pf.add("codec weights loaded", True, f"{codec_dir} (sha256 {fp['codec_digest'][:12]})")
@@ -71,7 +70,7 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, re
             f"manifest {k}: weight {w:g}, {n} utterances" for k, (w, n) in enumerate(zip(s["source_weights"], per))))
     val = fixed_segments(heldout, n_frames, s["val_batches"] * s["batch_size"])
     pf.add("validation segments", len(val) > 0, f"{len(val)} from the held-out cache")
-    pf.add("schedule", 0 < s["warmup_steps"] <= s["steps"] or s["warmup_steps"] == 0,
+    pf.add("schedule", s["warmup_steps"] <= s["steps"] and s["lr"] > 0,
            f"lr {s['lr']:g}, warmup {s['warmup_steps']} of {s['steps']} steps, cosine to x{s['lr_min_ratio']}, "
            f"batch {s['batch_size']} x accum {s['grad_accum']}")
 
