@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     c.add_argument("--settings", type=_json, default={})
 
     c = sub.add_parser("demo-codec", help="build and briefly train the tiny demo SNAC")
-    c.add_argument("--manifest", required=True)
+    c.add_argument("--manifest", required=True, nargs="+")
     c.add_argument("--out", required=True)
     c.add_argument("--settings", type=_json, required=True)
 

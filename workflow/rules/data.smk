@@ -18,13 +18,16 @@ checkpoint demo_data:
 
 rule demo_codec:
     input:
-        manifest=lambda wc: manifest_of("train"),
+        # ancient: editing one manifest line must rerun its shard only, not retrain the codec
+        # (which would rerun every shard); the corpus param below catches a regenerated corpus
+        manifest=lambda wc: [ancient(m) for m in manifest_of("train")],
     output:
         config=f"{RESULTS}/codec/demo/config.json",
         weights=f"{RESULTS}/codec/demo/model.safetensors",
         quality=f"{RESULTS}/codec/demo/quality.json",
     params:
         settings=lambda wc: json.dumps(config["codec"].get("demo", {}), sort_keys=True),
+        corpus=lambda wc: json.dumps([SPLITS["train"]["manifest"], config.get("demo", {})], sort_keys=True),
         out=f"{RESULTS}/codec/demo",
     threads: 2
     log:
@@ -32,5 +35,5 @@ rule demo_codec:
     benchmark:
         f"{BENCH}/demo_codec.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {PY} demo-codec --manifest {input.manifest:q} --out {params.out:q}"
+        "OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE {PY} demo-codec --manifest {input.manifest:q} --out {params.out:q}"
         " --settings {params.settings:q} 2>&1 | tee {log}"

@@ -6,6 +6,8 @@ rule evaluate:
     input:
         codec=codec_files(),
         heldout=shard_paths("heldout"),
+        # the accounting of every manifest line comes with every run that asks for final.pt
+        summaries=[f"{RESULTS}/{SPLITS[k]['summary']}/summary.json" for k in SPLITS],
         models=[f"{d}/model.safetensors" for d in eval_models().values()],
     output:
         f"{PHASE_DIR}/eval.json",
@@ -19,5 +21,5 @@ rule evaluate:
     benchmark:
         f"{BENCH}/evaluate.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {PY} evaluate --codec {params.codec:q} --heldout {input.heldout:q}"
+        "OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE {PY} evaluate --codec {params.codec:q} --heldout {input.heldout:q}"
         " {params.models} --out {output:q} --settings {params.settings:q} 2>&1 | tee {log}"

@@ -23,7 +23,7 @@ rule precompute_shard:
     benchmark:
         f"{BENCH}/precompute/{{cachedir}}-{{shard}}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {PY} precompute-shard --manifest {params.manifest:q}"
+        "OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE {PY} precompute-shard --manifest {params.manifest:q}"
         " --shard {wildcards.shard} --n-shards {params.n_shards} --codec {params.codec:q}"
         " --out {output:q} --settings {params.settings:q} 2>&1 | tee {log}"
 

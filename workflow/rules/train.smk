@@ -14,7 +14,7 @@ def train_inputs(wc):
 
 
 TRAIN_SHELL = (
-    "OMP_NUM_THREADS={threads} {PY} train --phase {params.phase} --settings {params.settings:q}"
+    "OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE {PY} train --phase {params.phase} --settings {params.settings:q}"
     " --codec {params.codec:q} --cache {input.cache:q} --heldout {input.heldout:q}"
     " {params.init} --out {params.out:q} 2>&1 | tee {log}"
 )

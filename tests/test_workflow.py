@@ -1,0 +1,399 @@
+"""End-to-end tests of the Snakemake workflow: the demo DAG with a tiny config, reruns that
+change nothing, what each kind of change invalidates, config validation, and resume of a
+training job after SIGKILL.
+
+Every run happens in a temporary copy of Snakefile, workflow/, config/ and pipeline/ (never in
+the repository). One module-scoped fixture builds the whole demo once (`rule all`: final.pt,
+eval.json and both precompute summaries); invalidation tests work on copies of that tree with
+mtimes and .snakemake metadata preserved, and read what would run from `snakemake -n`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from pipeline.manifest import parse_manifest, shard_of
+from workflow_util import (N_HELDOUT, N_SHARDS, N_TRAIN, REPO, STEPS, clone_tree, dry_run,
+                           lora_adapters, make_tree, merged_config, mtimes, run_env, snakemake,
+                           snakemake_cmd)
+
+METRICS = ("mrstft", "mel_l1", "lsd_db", "lsd_hf_db", "si_sdr_db")
+STEP_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
+MANIFEST = "data/demo/manifest.jsonl"
+
+
+
+def shard_job(k: int) -> tuple:
+    return ("precompute_shard", f"cachedir=cache, shard={k:03d}")
+
+
+# (rule, wildcards) of every job of the demo DAG; the LoRA adapters come from the config
+SHARD_JOBS = {shard_job(k) for k in range(N_SHARDS)}
+HELDOUT_SHARD = ("precompute_shard", "cachedir=cache_heldout, shard=000")
+TRAIN_SUMMARY = ("precompute_summary", "sdir=precompute")
+HELDOUT_SUMMARY = ("precompute_summary", "sdir=precompute/heldout")
+ADAPTERS, FINAL_ADAPTER = lora_adapters(merged_config(REPO))
+LORA_JOBS = {("train_lora", f"adapter={a}") for a in ADAPTERS}
+AFTER_FULL = LORA_JOBS | {("evaluate", ""), ("export_final", ""), ("all", "")}
+TRAINING = {("train", "phase=warmup"), ("train", "phase=full")} | AFTER_FULL
+ALL_JOBS = ({("demo_data", ""), ("demo_codec", ""), HELDOUT_SHARD, TRAIN_SUMMARY, HELDOUT_SUMMARY}
+            | SHARD_JOBS | TRAINING)
+PHASE_DIRS = ["warmup", "full", *(f"lora/{a}" for a in ADAPTERS)]
+
+
+def exactly_once(keys: Counter) -> set:
+    assert all(n == 1 for n in keys.values()), keys
+    return set(keys)
+
+
+# ---- the one full build ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The whole demo DAG (rule all, which includes results/phase11/final.pt) built once."""
+    root = make_tree(tmp_path_factory.mktemp("wf") / "tree")
+    r = snakemake(root, timeout=1500)
+    assert r.rc == 0, r.out[-6000:]
+    return root, r
+
+
+@pytest.fixture
+def copy_of(built, tmp_path):
+    """A copy of the built tree to change things in (the fixture's tree stays untouched)."""
+    return clone_tree(built[0], tmp_path / "copy")
+
+
+# ---- 1. the demo run ------------------------------------------------------------------------
+def test_full_demo_run_outputs(built):
+    root, run = built
+    res = root / "results"
+
+    # every job of the DAG ran, once, each with a log and a benchmark
+    assert exactly_once(run.keys()) == ALL_JOBS
+    for j in run.jobs:
+        if j["rule"] == "all":
+            continue
+        for kind in ("log", "benchmark"):
+            assert kind in j, f"{j['rule']} ({j.get('wildcards', '')}) declares no {kind}"
+            p = root / j[kind]
+            assert p.is_file() and p.stat().st_size > 0, p
+        assert j["log"].startswith("results/logs/") and j["benchmark"].startswith("results/benchmarks/")
+    assert len(list((res / "benchmarks").rglob("*.tsv"))) == len(ALL_JOBS) - 1
+
+    # final.pt: weights_only-safe, loadable, identical to model.safetensors beside it and to the
+    # output (LoRA merged) of the adapter the config names as final
+    from pipeline.model import FORMAT, load_model
+    source = f"lora/{FINAL_ADAPTER}" if FINAL_ADAPTER else "full"
+    blob = torch.load(res / "phase11/final.pt", map_location="cpu", weights_only=True)
+    assert set(blob) == {"config", "state_dict"}
+    assert blob["config"]["format"] == FORMAT and blob["config"]["target_rate"] == 48000
+    assert not [k for k in blob["state_dict"] if "lora_" in k], "LoRA not merged into final.pt"
+    from_pt, from_dir = load_model(res / "phase11/final.pt"), load_model(res / "phase11")
+    beside = load_file(res / "phase11/model.safetensors")
+    source_out = load_file(res / "phase11" / source / "model.safetensors")
+    cfg = json.loads((res / "phase11/config.json").read_text())
+    assert cfg["format"] == FORMAT
+    for sd in (from_pt.state_dict(), from_dir.state_dict(), beside, source_out):
+        assert set(sd) == set(blob["state_dict"])
+        for k, v in blob["state_dict"].items():
+            assert torch.equal(sd[k], v), k
+
+    # eval.json: baseline, warmup, full, final (+ any adapter not merged into final), all metrics
+    ev = json.loads((res / "phase11/eval.json").read_text())
+    assert set(ev["models"]) == {"baseline", "warmup", "full", "final"} | {
+        f"lora:{a}" for a in ADAPTERS if a != FINAL_ADAPTER}
+    assert ev["utterances"] == N_HELDOUT
+    for name, m in ev["models"].items():
+        assert set(m) == set(METRICS), name
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in m.values()), (name, m)
+
+    # LoRA adapters: adapter tensors only, rank/alpha/targets in the metadata
+    cfg = merged_config(root)
+    own = (cfg.get("lora") or {}).get("adapters") or {}
+    for a in ADAPTERS:     # train.lora.lora, with the adapter's own overrides if it has any
+        lora_cfg = {**cfg["train"]["lora"]["lora"], **own.get(a, {}).get("lora", {})}
+        with safe_open(str(res / f"phase11/lora/{a}/lora_weights.safetensors"), framework="pt") as f:
+            keys, meta = list(f.keys()), f.metadata()
+        assert keys and all("lora_" in k for k in keys), keys
+        assert int(meta["rank"]) == lora_cfg["rank"] and float(meta["alpha"]) == lora_cfg["alpha"]
+        assert json.loads(meta["targets"]) == lora_cfg["targets"]
+
+    # precompute summaries: every manifest line accounted for
+    for sub, n in (("precompute", N_TRAIN), ("precompute/heldout", N_HELDOUT)):
+        s = json.loads((res / sub / "summary.json").read_text())
+        assert s["lines"] == n and s["accepted"] + s["rejected"] == s["lines"], s
+        assert (res / sub / "rejects.jsonl").is_file()
+    assert sum(1 for _ in open(res / "precompute/rejects.jsonl")) == \
+        json.loads((res / "precompute/summary.json").read_text())["rejected"]
+
+    # each phase: outputs, metrics.jsonl, complete step checkpoints
+    for phase in PHASE_DIRS:
+        d = res / "phase11" / phase
+        assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
+        records = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in records]
+        assert steps == sorted(set(steps)) and steps[-1] == STEPS, steps
+        assert "val/loss" in records[-1]
+        cks = sorted((d / "checkpoints").iterdir())
+        assert cks and all(re.fullmatch(r"step_\d{7}", c.name) for c in cks), cks   # no .tmp-* left
+        assert cks[-1].name == f"step_{STEPS:07d}"
+        for c in cks:
+            for f in STEP_FILES:
+                assert (c / f).is_file(), c / f
+            assert json.loads((c / "trainer_state.json").read_text())["step"] == int(c.name[5:])
+            for f in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+                torch.load(c / f, weights_only=True)
+
+
+# ---- 2. nothing changed, nothing to do ------------------------------------------------------
+def test_rerun_with_nothing_changed_does_nothing(built):
+    root, _ = built
+    before = mtimes(root)
+    for _ in range(2):                     # a parse must not write anything the next one sees
+        r = dry_run(root)
+        assert not r.jobs and "Nothing to be done" in r.out, r.out[-3000:]
+    r = snakemake(root, extra=("--quiet", "progress"))
+    assert r.rc == 0 and "Nothing to be done" in r.out, r.out[-3000:]
+    assert mtimes(root) == before
+
+
+# ---- 3. invalidation ------------------------------------------------------------------------
+def _manifest_rows(root):
+    return parse_manifest(root / MANIFEST).rows
+
+
+def _rewrite_manifest(root, edit, keep_mtime=False):
+    """Apply edit(list of line dicts) to the training manifest; optionally keep its old mtime."""
+    p = root / MANIFEST
+    st = p.stat()
+    rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    edit(rows)
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if keep_mtime:
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_touched_or_changed_audio_file_reruns_only_its_shard(copy_of):
+    root = copy_of
+    row = _manifest_rows(root)[4]
+    k = shard_of(row.id, N_SHARDS)
+    wav = Path(row.audio)
+    wav = wav if wav.is_absolute() else root / wav
+    expected = {shard_job(k), TRAIN_SUMMARY} | TRAINING
+
+    def check(r, why):
+        assert exactly_once(r.keys()) == expected
+        job = next(j for j in r.jobs if j["rule"] == "precompute_shard")
+        assert f"shard={k:03d}" in job["wildcards"]
+        assert job["output"] == f"results/cache/shard-{k:03d}.zarr"
+        assert job["reason"] == f"{why}: {wav.relative_to(root)}", job["reason"]
+
+    # touch: Snakemake 9 reruns nothing for a file <= --max-checksum-file-size (1 MB) whose
+    # checksum it recorded, as for these short demo clips; audio files above it (real corpora;
+    # emulated with a limit of 0) rerun their shard
+    os.utime(wav)
+    assert not dry_run(root).jobs
+    check(dry_run(root, extra=("--max-checksum-file-size", "0")), "Updated input files")
+
+    # new content (one LSB, same format) reruns it whatever the size
+    x, sr = sf.read(wav, dtype="int16")
+    subtype = sf.info(wav).subtype
+    x[len(x) // 2] ^= 1
+    sf.write(wav, x, sr, subtype=subtype)
+    check(dry_run(root), "Updated input files")
+
+
+def _edit_dataset_id(rows, i=6):
+    rows[i]["dataset_id"] = rows[i].get("dataset_id", 0) + 3
+    rows[i]["text"] = "edited"
+
+
+def _append_utterance(root):
+    src = _manifest_rows(root)[3]
+    shutil.copy(src.audio if os.path.isabs(src.audio) else root / src.audio,
+                root / "data/demo/audio/added-utt.wav")
+    return {"audio": "audio/added-utt.wav", "id": "added-utt", "text": "new", "dataset_id": 0}
+
+
+def test_edited_manifest_line_reruns_only_its_shard(copy_of):
+    root = copy_of
+    k = shard_of(_manifest_rows(root)[6].id, N_SHARDS)
+    _rewrite_manifest(root, _edit_dataset_id)
+    keys = exactly_once(dry_run(root).keys())
+    assert ("demo_codec", "") not in keys          # the codec does not retrain for a manifest edit
+    assert keys == {shard_job(k), TRAIN_SUMMARY} | TRAINING
+
+
+def test_appended_utterance_reruns_only_its_shard(copy_of):
+    root = copy_of
+    new = _append_utterance(root)
+    _rewrite_manifest(root, lambda rows: rows.append(new))
+    k = shard_of(new["id"], N_SHARDS)
+    keys = exactly_once(dry_run(root).keys())
+    assert ("demo_codec", "") not in keys          # the codec does not retrain for a manifest edit
+    assert keys == {shard_job(k), TRAIN_SUMMARY} | TRAINING
+
+
+def test_edited_manifest_line_changes_only_its_shard_params(copy_of):
+    """The shard-level mechanism alone (a digest of the shard's rows as a param): the edited
+    manifest keeps its old mtime, so only the param can make the shard rerun."""
+    root = copy_of
+    k = shard_of(_manifest_rows(root)[6].id, N_SHARDS)
+    _rewrite_manifest(root, _edit_dataset_id, keep_mtime=True)
+    r = dry_run(root)
+    assert exactly_once(r.keys()) == {shard_job(k), TRAIN_SUMMARY} | TRAINING
+    job = next(j for j in r.jobs if j["rule"] == "precompute_shard")
+    assert job["reason"].startswith("Params have changed"), job["reason"]
+
+
+def test_appended_utterance_changes_only_its_shard_inputs(copy_of):
+    """Same isolation as above: the new line's audio file is an input of its shard alone."""
+    root = copy_of
+    new = _append_utterance(root)
+    _rewrite_manifest(root, lambda rows: rows.append(new), keep_mtime=True)
+    k = shard_of(new["id"], N_SHARDS)
+    r = dry_run(root)
+    assert exactly_once(r.keys()) == {shard_job(k), TRAIN_SUMMARY} | TRAINING
+    job = next(j for j in r.jobs if j["rule"] == "precompute_shard")
+    assert "data/demo/audio/added-utt.wav" in job["input"]
+
+
+def test_phase_hyperparameter_reruns_that_phase_and_later(built):
+    root, _ = built
+    # --config values below the top level arrive as strings (Snakemake's BaseLoader), which the
+    # schema rejects; a second --configfile merges key by key over the first.
+    (root / "lr.yaml").write_text("train: {full: {lr: 0.0001}}\n")
+    try:
+        r = dry_run(root, configfiles=("fast.yaml", "lr.yaml"))
+    finally:
+        (root / "lr.yaml").unlink()
+    assert exactly_once(r.keys()) == {("train", "phase=full")} | AFTER_FULL
+    job = next(j for j in r.jobs if j["rule"] == "train")
+    assert job["reason"].startswith("Params have changed"), job["reason"]
+
+
+def test_codec_change_reruns_every_shard(built):
+    root, _ = built
+    (root / "codec.yaml").write_text("codec: {demo: {steps: 21}}\n")
+    try:
+        r = dry_run(root, configfiles=("fast.yaml", "codec.yaml"))
+    finally:
+        (root / "codec.yaml").unlink()
+    assert exactly_once(r.keys()) == ALL_JOBS - {("demo_data", "")}
+
+
+# ---- 4. config validation -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def code_tree(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("wf") / "code")
+
+
+def _fails_before_any_job(root, r):
+    assert r.rc != 0, r.out[-3000:]
+    assert not r.jobs and "Job stats" not in r.out, r.out[-3000:]
+    assert not (root / "results").exists() and not (root / "data").exists()
+    assert r.seconds < 60
+
+
+def test_misspelt_top_level_key_fails_at_once(code_tree):
+    r = snakemake(code_tree, extra=("-n", "--config", "manifst=x"))
+    _fails_before_any_job(code_tree, r)
+    assert "manifst" in r.out and "Building DAG" not in r.out, r.out[-3000:]
+
+
+def test_misspelt_nested_key_fails_at_once(code_tree):
+    (code_tree / "typo.yaml").write_text("train: {warmup: {lrr: 0.001}}\n")
+    r = snakemake(code_tree, configfiles=("fast.yaml", "typo.yaml"), extra=("-n",))
+    _fails_before_any_job(code_tree, r)
+    assert "'lrr'" in r.out and "Building DAG" not in r.out, r.out[-3000:]
+    assert "['train']['warmup']" in r.out, r.out[-3000:]
+
+
+def test_missing_manifest_fails_naming_it(code_tree):
+    r = snakemake(code_tree, extra=("-n", "--config", "manifest=nowhere/train.jsonl"))
+    _fails_before_any_job(code_tree, r)
+    assert "nowhere/train.jsonl" in r.out and "does not exist" in r.out, r.out[-3000:]
+    assert "(config key manifest)" in r.out, r.out[-3000:]
+
+
+# ---- 5. resume after SIGKILL ----------------------------------------------------------------
+RESUME_YAML = "train: {warmup: {steps: 40, ckpt_every: 4, val_every: 20}}\n"
+WARMUP = "results/phase11/warmup/model.safetensors"
+
+
+def _step_dirs(ck: Path) -> list:
+    return sorted(int(d.name[5:]) for d in ck.glob("step_*")) if ck.is_dir() else []
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(built, tmp_path):
+    root = clone_tree(built[0], tmp_path / "resume")
+    shutil.rmtree(root / "results/phase11")
+    (root / "resume.yaml").write_text(RESUME_YAML)
+    cfgs = ("fast.yaml", "resume.yaml")
+    # only the warmup phase is affected by the override: no precompute job reruns
+    assert exactly_once(dry_run(root, [WARMUP], cfgs).keys()) == {("train", "phase=warmup")}
+
+    ck = root / "results/phase11/warmup/checkpoints"
+    with open(tmp_path / "killed.out", "w") as log:
+        p = subprocess.Popen(snakemake_cmd([WARMUP], cfgs), cwd=root, env=run_env(),
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 400
+            while not (_step_dirs(ck) and _step_dirs(ck)[-1] >= 8):
+                assert p.poll() is None, "the run ended before it could be killed: raise steps"
+                assert time.monotonic() < deadline, "no step checkpoint >= 8 in time"
+                time.sleep(0.02)
+            os.killpg(p.pid, signal.SIGKILL)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=60)
+    newest = _step_dirs(ck)[-1]
+    assert 8 <= newest < 40 and not (root / WARMUP).exists()
+
+    # SIGKILL of Snakemake itself leaves its lock behind: a user has to --unlock first
+    r = snakemake(root, [WARMUP], cfgs, ("--unlock",))
+    assert r.rc == 0, r.out[-3000:]
+    r = snakemake(root, [WARMUP], cfgs, ("--rerun-incomplete",), timeout=600)
+    assert r.rc == 0, r.out[-4000:]
+    log = (root / "results/logs/train/warmup.log").read_text()
+    m = re.search(r"resuming\s+warmup\s+from\s+(\S+)\s+\(step\s+(\d+)\s+of\s+(\d+)\)", log)
+    assert m, log
+    assert m.group(1).endswith(f"step_{newest:07d}") and int(m.group(2)) == newest > 0
+    assert int(m.group(3)) == 40
+
+    metrics = root / "results/phase11/warmup/metrics.jsonl"
+    resumed_records = [json.loads(l) for l in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in resumed_records]
+    assert len(steps) == len(set(steps)), f"duplicate steps in metrics.jsonl: {steps}"
+    assert steps == list(range(2, 41, 2)), steps          # log_every 2: none lost, none twice
+
+    # the same phase, uninterrupted, in the same tree
+    resumed = tmp_path / "resumed.safetensors"
+    shutil.move(root / WARMUP, resumed)
+    shutil.rmtree(ck)
+    r = snakemake(root, [WARMUP], cfgs, ("--forcerun", "train"), timeout=600)
+    assert r.rc == 0, r.out[-4000:]
+    assert "resuming" not in (root / "results/logs/train/warmup.log").read_text()
+    a, b = load_file(resumed), load_file(root / WARMUP)
+    assert set(a) == set(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
+    fresh_records = [json.loads(l) for l in metrics.read_text().splitlines()]
+    assert [r["step"] for r in fresh_records] == steps
+    for x, y in zip(resumed_records, fresh_records):
+        for key in ("lr", "train/loss", "val/loss", "grad_norm"):
+            assert x.get(key) == y.get(key), (x["step"], key)
