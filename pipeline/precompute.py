@@ -25,9 +25,9 @@ from .manifest import as_paths, parse_manifest, shard_rows
 from .cache import CACHE_FORMAT
 from .ui import console, progress
 
+from .settings import PRECOMPUTE_DEFAULTS as DEFAULTS
+
 POLICIES = ("reject", "keep_bandlimited", "bwe")
-DEFAULTS = {"target_rate": 48000, "min_seconds": 0.5, "low_rate_policy": "reject", "bwe_model": None,
-            "batch_seconds": 64.0, "window_seconds": 600.0, "device": "auto", "resample_quality": "HQ"}
 
 
 def settings_with_defaults(settings: dict | None) -> dict:

@@ -11,6 +11,9 @@ import copy
 
 PHASES = ("warmup", "full", "lora")
 
+PRECOMPUTE_DEFAULTS = {"target_rate": 48000, "min_seconds": 0.5, "low_rate_policy": "reject", "bwe_model": None,
+                       "batch_seconds": 64.0, "window_seconds": 600.0, "device": "auto", "resample_quality": "HQ"}
+
 TRAIN_DEFAULTS = {
     "steps": 1000, "batch_size": 32, "grad_accum": 1, "segment_seconds": 4.0,
     "lr": 1e-5, "lr_min_ratio": 0.1, "warmup_steps": 100, "betas": [0.8, 0.99],

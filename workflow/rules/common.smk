@@ -8,8 +8,8 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 from pipeline.manifest import parse_manifest, rows_digest, shard_rows
-from pipeline.settings import PHASES, adapter_settings, lora_adapters, manifest_entries, merge, phase_settings
-from pipeline.precompute import DEFAULTS as PRECOMPUTE_DEFAULTS
+from pipeline.settings import (PHASES, PRECOMPUTE_DEFAULTS, adapter_settings, lora_adapters,
+                               manifest_entries, merge, phase_settings)
 
 DEMO_DIR = "data/demo"
 RESULTS = "results"
@@ -19,8 +19,8 @@ PY = f"{sys.executable} -m pipeline"
 
 # split -> where its manifest comes from and where its cache and accounting go
 SPLITS = {
-    "train": dict(manifest=[p for p, _ in manifest_entries(config["manifest"])], cache="cache", summary="precompute",
-                  shards=config["precompute"]["shards"]),
+    "train": dict(manifest=[p for p, _ in manifest_entries(config["manifest"])], cache="cache",
+                  summary="precompute", shards=config["precompute"]["shards"]),
     "heldout": dict(manifest=[config["heldout_manifest"]], cache="cache_heldout",
                     summary="precompute/heldout", shards=config["precompute"]["heldout_shards"]),
 }
