@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_24K, speechlike, tiny_codec
@@ -119,3 +120,22 @@ def test_config_diff_marks_what_each_phase_changes(tmp_path):
     assert d["full"]["lr"] == {"value": 3.0e-4, "reference": 0.5, "status": "changed"}
     assert d["warmup"]["lr"]["status"] in ("same", "default")
     assert "changed" in run().stdout
+
+
+def test_resynth_with_a_lora_adapter(tmp_path):
+    import soundfile as sf
+    base = M.from_codec(tiny_codec(), 48000)
+    M.save_model(base, tmp_path / "base")
+    m = M.load_model(tmp_path / "base")
+    _trained_adapter(m, "x", 5)
+    save_lora(m, tmp_path / "x.safetensors", LoRAConfig(rank=2, alpha=4.0, targets=["decoder.model.*"]),
+              adapter="x", base_digest=base.base_digest())
+    sf.write(tmp_path / "in.wav", speechlike(0.5, 48000, 1), 48000)
+    outs = {}
+    for name, extra in (("plain", []), ("lora", ["--lora", str(tmp_path / "x.safetensors")])):
+        r = subprocess.run([sys.executable, "-m", "pipeline", "resynth", "--model", str(tmp_path / "base"),
+                            *extra, str(tmp_path / "in.wav"), str(tmp_path / f"{name}.wav")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        outs[name] = sf.read(tmp_path / f"{name}.wav")[0]
+    assert "LoRA" in r.stdout and not np.allclose(outs["plain"], outs["lora"])

@@ -365,3 +365,27 @@ def test_several_manifests_sampled_by_weight(small_cache, tmp_path):
     np.testing.assert_allclose(counts / counts.sum(), [0.65, 0.25, 0.10], atol=0.03)
     codes, target = b[3]
     assert target.shape[0] == 8
+
+
+def test_cli_warm_restart_and_exact_resume_flags(small_cache, tmp_path):
+    """`python -m pipeline train`: --init-checkpoint warm-restarts (step 0, fresh optimizer),
+    --resume-from resumes a checkpoint of the same run exactly, and refuses another run's."""
+    import subprocess, sys
+    shards = sorted(str(p) for p in (small_cache / "cache").glob("*.zarr"))
+    held = sorted(str(p) for p in (small_cache / "heldout").glob("*.zarr"))
+
+    def cli(out, s, *extra):
+        return subprocess.run([sys.executable, "-m", "pipeline", "train", "--phase", "warmup", "--settings",
+                               json.dumps(s), "--codec", str(small_cache / "codec"), "--cache", *shards,
+                               "--heldout", *held, "--out", str(out), *extra], capture_output=True, text=True)
+    s = settings(steps=4, val_every=4)
+    r = cli(tmp_path / "a", s)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = cli(tmp_path / "b", settings(steps=2, val_every=2, lr=5e-4), "--init-checkpoint", str(tmp_path / "a"))
+    assert r.returncode == 0 and "init_checkpoint" in r.stdout and "resuming" not in r.stdout
+    assert json.loads((tmp_path / "b/config.json").read_text())["settings"]["init_checkpoint"] == str(tmp_path / "a")
+    ck = tmp_path / "a/checkpoints/step_0000004"
+    r = cli(tmp_path / "a", s, "--resume-from", str(ck))
+    assert r.returncode == 0 and "resuming warmup from" in r.stdout and "step 4 of 4" in r.stdout
+    r = cli(tmp_path / "c", settings(steps=4, val_every=4, lr=7e-4), "--resume-from", str(ck))
+    assert r.returncode != 0 and "exact resume is impossible" in r.stdout

@@ -397,3 +397,25 @@ def test_resume_after_sigkill_matches_uninterrupted_run(built, tmp_path):
     for x, y in zip(resumed_records, fresh_records):
         for key in ("lr", "train/loss", "val/loss", "grad_norm"):
             assert x.get(key) == y.get(key), (x["step"], key)
+
+
+def test_final_pt_merges_the_named_adapter_or_none(built):
+    """`lora.final` picks the adapter merged into final.pt; null exports the full phase."""
+    root, _ = built
+    for final, source in ((FINAL_ADAPTER, f"results/phase11/lora/{FINAL_ADAPTER}/model.safetensors"),
+                          (None, "results/phase11/full/model.safetensors")):
+        (root / "final.yaml").write_text(f"lora: {{final: {json.dumps(final)}}}\n")
+        try:
+            r = snakemake(root, ["results/phase11/final.pt"], ("fast.yaml", "final.yaml"),
+                          ("-n", "--forcerun", "export_final"))
+        finally:
+            (root / "final.yaml").unlink()
+        assert r.rc == 0, r.out[-3000:]
+        job = next(j for j in r.jobs if j["rule"] == "export_final")
+        assert source in job["input"], job
+    (root / "bad.yaml").write_text("lora: {final: nosuch}\n")
+    try:
+        r = snakemake(root, ["results/phase11/final.pt"], ("fast.yaml", "bad.yaml"), ("-n",))
+    finally:
+        (root / "bad.yaml").unlink()
+    assert r.rc != 0 and "nosuch" in r.out
