@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.manifest import parse_manifest, shard_of
-from workflow_util import (N_HELDOUT, N_SHARDS, N_TRAIN, REPO, STEPS, clone_tree, dry_run,
+from workflow_util import (N_HELDOUT, N_SHARDS, N_TRAIN, REPO, STEPS, clone_tree, dry_run, dry_run_with,
                            lora_adapters, make_tree, merged_config, mtimes, run_env, snakemake,
                            snakemake_cmd)
 
@@ -273,13 +273,7 @@ def test_appended_utterance_changes_only_its_shard_inputs(copy_of):
 
 def test_phase_hyperparameter_reruns_that_phase_and_later(built):
     root, _ = built
-    # --config values below the top level arrive as strings (Snakemake's BaseLoader), which the
-    # schema rejects; a second --configfile merges key by key over the first.
-    (root / "lr.yaml").write_text("train: {full: {lr: 0.0001}}\n")
-    try:
-        r = dry_run(root, configfiles=("fast.yaml", "lr.yaml"))
-    finally:
-        (root / "lr.yaml").unlink()
+    r = dry_run_with(root, "train: {full: {lr: 0.0001}}\n")
     assert exactly_once(r.keys()) == {("train", "phase=full")} | AFTER_FULL
     job = next(j for j in r.jobs if j["rule"] == "train")
     assert job["reason"].startswith("Params have changed"), job["reason"]
@@ -287,11 +281,7 @@ def test_phase_hyperparameter_reruns_that_phase_and_later(built):
 
 def test_codec_change_reruns_every_shard(built):
     root, _ = built
-    (root / "codec.yaml").write_text("codec: {demo: {steps: 21}}\n")
-    try:
-        r = dry_run(root, configfiles=("fast.yaml", "codec.yaml"))
-    finally:
-        (root / "codec.yaml").unlink()
+    r = dry_run_with(root, "codec: {demo: {steps: 21}}\n")
     assert exactly_once(r.keys()) == ALL_JOBS - {("demo_data", "")}
 
 
@@ -404,13 +394,8 @@ def test_final_pt_merges_the_named_adapter_or_none(built):
     root, _ = built
     for final, source in ((FINAL_ADAPTER, f"results/phase11/lora/{FINAL_ADAPTER}/model.safetensors"),
                           (None, "results/phase11/full/model.safetensors")):
-        (root / "final.yaml").write_text(f"lora: {{final: {json.dumps(final)}}}\n")
-        try:
-            r = snakemake(root, ["results/phase11/final.pt"], ("fast.yaml", "final.yaml"),
-                          ("-n", "--forcerun", "export_final"))
-        finally:
-            (root / "final.yaml").unlink()
-        assert r.rc == 0, r.out[-3000:]
+        r = dry_run_with(root, f"lora: {{final: {json.dumps(final)}}}\n", ["results/phase11/final.pt"],
+                         ("--forcerun", "export_final"))
         job = next(j for j in r.jobs if j["rule"] == "export_final")
         assert source in job["input"], job
     (root / "bad.yaml").write_text("lora: {final: nosuch}\n")

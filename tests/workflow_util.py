@@ -104,6 +104,17 @@ def dry_run(cwd: Path, targets=(), configfiles=("fast.yaml",), extra=(), timeout
     return r
 
 
+def dry_run_with(cwd: Path, override: str, targets=(), extra=()) -> Result:
+    """Dry run with one more configfile holding `override`, merged key by key over fast.yaml
+    (nested --config values would arrive as strings, which the schema rejects)."""
+    path = cwd / "override.yaml"
+    path.write_text(override)
+    try:
+        return dry_run(cwd, targets, ("fast.yaml", path.name), extra)
+    finally:
+        path.unlink()
+
+
 def parse_jobs(text: str) -> list:
     """One dict per job block: rule, and its indented fields (input, output, wildcards, reason...)."""
     jobs, cur = [], None
