@@ -168,6 +168,68 @@ def smart_init(model: SNAC48) -> None:
             out_conv.bias.mul_(RESIDUAL_GAIN)
 
 
+FROZEN_FOREVER = ("encoder.", "quantizer.")
+
+
+def matches(name: str, pattern: str) -> bool:
+    """A group pattern covers a parameter directly or as a module prefix (fnmatch)."""
+    from fnmatch import fnmatchcase
+    return fnmatchcase(name, pattern) or fnmatchcase(name, pattern + ".*")
+
+
+def param_groups(model, groups: list, lr: float):
+    """Optimizer param groups from the phase's groups; everything else frozen.
+
+    A pattern matches a parameter name with fnmatch, directly or as a module prefix
+    ("decoder.new_block" covers "decoder.new_block.*"). A pattern matching nothing, a parameter
+    matched by two patterns, or a trainable encoder/quantizer parameter is a config error."""
+    owner, counts, out = {}, [], []
+    names = [n for n, _ in model.named_parameters()]
+    for g in groups:
+        pat = g["pattern"]
+        hits = [n for n in names if matches(n, pat)]
+        if not hits:
+            raise ValueError(f"group pattern {pat!r} matches no parameter")
+        for n in hits:
+            if n in owner:
+                raise ValueError(f"group patterns {owner[n]!r} and {pat!r} overlap (both match {n})")
+            owner[n] = pat
+        if g.get("trainable", True) and any(n.startswith(FROZEN_FOREVER) for n in hits):
+            raise ValueError(f"group pattern {pat!r} would train the encoder or quantizer; they stay "
+                             "frozen so that the codes keep their meaning")
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)
+    for g in groups:
+        mine = [n for n, pat in owner.items() if pat == g["pattern"]]
+        trainable, factor = g.get("trainable", True), float(g.get("lr_factor", 1.0))
+        counts.append({"pattern": g["pattern"], "params": sum(params[n].numel() for n in mine),
+                       "trainable": trainable, "lr_factor": factor})
+        if trainable:
+            for n in mine:
+                params[n].requires_grad_(True)
+            out.append({"params": [params[n] for n in mine], "lr": lr * factor, "name": g["pattern"]})
+    rest = sum(p.numel() for n, p in params.items() if n not in owner)
+    counts.append({"pattern": "(no group)", "params": rest, "trainable": False, "lr_factor": 0.0})
+    return out, counts
+
+
+def check_phase_groups(codec_config: dict, target_rate: int, phases: dict) -> None:
+    """Check every phase's groups (and LoRA targets) against the model's parameter names without
+    weights (meta device): the Snakefile calls this at parse time, so a bad pattern in the last
+    phase fails before the first phase trains. Raises ValueError naming the phase and pattern."""
+    from .lora import LoRAConfig, apply_lora
+    for name, s in phases.items():
+        try:
+            with torch.device("meta"):
+                model = SNAC48(codec_config, target_rate)
+                if s["lora"]["enabled"]:
+                    apply_lora(model, LoRAConfig(**{k: v for k, v in s["lora"].items() if k != "enabled"}))
+            param_groups(model, s["groups"], s["lr"])
+        except ValueError as e:
+            raise ValueError(f"train.{name}: {e}") from None
+
+
 def save_model(model: SNAC48, folder, extra_config: dict | None = None) -> Path:
     from safetensors.torch import save_file
     folder = Path(folder)

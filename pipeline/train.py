@@ -28,7 +28,7 @@ from .cache import CACHE_FORMAT, CacheError, Shard, dump_json
 from .codec import fingerprint, load_codec, pick_device, state_digest
 from .data import SegmentBatches, build_pool, collate, fixed_segments, open_training_cache, segment_frames
 from .losses import ReconstructionLoss
-from .model import from_codec, load_model, save_model
+from .model import FROZEN_FOREVER, from_codec, load_model, matches, param_groups, save_model
 from .settings import check_phase
 from .ui import console, progress
 from rich.progress import TextColumn
@@ -212,7 +212,6 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, re
     return state
 
 
-FROZEN_FOREVER = ("encoder.", "quantizer.")
 
 
 def read_weights(path) -> dict:
@@ -235,7 +234,6 @@ def warm_start(model, path, groups, pf) -> str:
     """Load `path` into the model: strictly, else non-strictly with a table of missing, unexpected
     and shape-mismatched keys. Refuses frozen (encoder/quantizer) tensors that differ from the codec,
     and missing trained keys that no init covers (only the new block's come from `init`)."""
-    from fnmatch import fnmatchcase
     from rich.table import Table
     sd, own = read_weights(path), model.state_dict()
     mismatched = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
@@ -249,7 +247,7 @@ def warm_start(model, path, groups, pf) -> str:
         pf.finish()
     trained = [g["pattern"] for g in groups if g.get("trainable", True)]
     uncovered = [k for k in missing + mismatched if not k.startswith("decoder.new_block.") and "lora_" not in k
-                 and any(fnmatchcase(k, p) or fnmatchcase(k, p + ".*") for p in trained)]
+                 and any(matches(k, p) for p in trained)]
     if uncovered:
         pf.add("init_checkpoint", False, f"{path} lacks {len(uncovered)} tensors this phase trains and no init "
                f"covers (e.g. {uncovered[:3]})")
@@ -267,44 +265,6 @@ def warm_start(model, path, groups, pf) -> str:
            f" ({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched); "
            "fresh optimizer, step 0")
     return state_digest(sd)
-
-
-def param_groups(model, groups: list, lr: float):
-    """Optimizer param groups from the phase's groups; everything else frozen.
-
-    A pattern matches a parameter name with fnmatch, directly or as a module prefix
-    ("decoder.new_block" covers "decoder.new_block.*"). A pattern matching nothing, a parameter
-    matched by two patterns, or a trainable encoder/quantizer parameter is a config error."""
-    from fnmatch import fnmatchcase
-    owner, counts, out = {}, [], []
-    names = [n for n, _ in model.named_parameters()]
-    for g in groups:
-        pat = g["pattern"]
-        hits = [n for n in names if fnmatchcase(n, pat) or fnmatchcase(n, pat + ".*")]
-        if not hits:
-            raise ValueError(f"group pattern {pat!r} matches no parameter")
-        for n in hits:
-            if n in owner:
-                raise ValueError(f"group patterns {owner[n]!r} and {pat!r} overlap (both match {n})")
-            owner[n] = pat
-        if g.get("trainable", True) and any(n.startswith(FROZEN_FOREVER) for n in hits):
-            raise ValueError(f"group pattern {pat!r} would train the encoder or quantizer; they stay "
-                             "frozen so that the codes keep their meaning")
-    params = dict(model.named_parameters())
-    for p in params.values():
-        p.requires_grad_(False)
-    for g in groups:
-        mine = [n for n, pat in owner.items() if pat == g["pattern"]]
-        trainable, factor = g.get("trainable", True), float(g.get("lr_factor", 1.0))
-        counts.append({"pattern": g["pattern"], "params": sum(params[n].numel() for n in mine),
-                       "trainable": trainable, "lr_factor": factor})
-        if trainable:
-            for n in mine:
-                params[n].requires_grad_(True)
-            out.append({"params": [params[n] for n in mine], "lr": lr * factor, "name": g["pattern"]})
-    rest = sum(p.numel() for n, p in params.items() if n not in owner)
-    counts.append({"pattern": "(no group)", "params": rest, "trainable": False, "lr_factor": 0.0})
-    return out, counts
 
 
 class Preflight:

@@ -319,6 +319,15 @@ def test_missing_manifest_fails_naming_it(code_tree):
     assert "(config key manifest)" in r.out, r.out[-3000:]
 
 
+def test_bad_group_pattern_in_a_late_phase_fails_before_any_job(code_tree):
+    """Parameter groups are checked against the model's parameter names at parse time, so a typo
+    in the LoRA phase does not wait for warmup and full to train first."""
+    (code_tree / "groups.yaml").write_text('lora: {adapters: {default: {groups: [{pattern: "*.lroa_*"}]}}}\n')
+    r = snakemake(code_tree, configfiles=("fast.yaml", "groups.yaml"), extra=("-n",))
+    _fails_before_any_job(code_tree, r)
+    assert "'*.lroa_*' matches no parameter" in r.out and "lora.adapters.default" in r.out, r.out[-3000:]
+
+
 # ---- 5. resume after SIGKILL ----------------------------------------------------------------
 RESUME_YAML = "train: {warmup: {steps: 40, ckpt_every: 4, val_every: 20}}\n"
 WARMUP = "results/phase11/warmup/model.safetensors"

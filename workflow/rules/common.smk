@@ -108,6 +108,30 @@ except ValueError as e:
     raise WorkflowError(str(e))
 
 
+def codec_config():
+    """The codec's constructor config: the pretrained folder's config.json, or the demo's."""
+    if not config["codec"]["pretrained"]:
+        return config["codec"]["demo"]["config"]
+    with open(f"{codec_dir()}/config.json") as f:
+        return json.load(f)
+
+
+def check_groups():
+    """Every phase's parameter groups and LoRA targets against the model's parameter names,
+    at parse time: a bad pattern in a late phase fails before the first job runs."""
+    from pipeline.model import check_phase_groups
+    phases = {p: phase_settings(config, p) for p in ("warmup", "full")}
+    phases.update({f"lora.adapters.{a}": adapter_settings(config, a) for a in ADAPTERS})
+    try:
+        check_phase_groups(codec_config(), config["codec"].get("target_rate", 48000), phases)
+    except ValueError as e:
+        raise WorkflowError(f"config error: {e}")
+
+
+if workflow.is_main_process:      # not again inside every cluster job, which re-parses this file
+    check_groups()
+
+
 def final_source():
     """What final.pt holds: the full phase with the named adapter merged, or without (final: null)."""
     return f"{PHASE_DIR}/lora/{FINAL_ADAPTER}" if FINAL_ADAPTER else f"{PHASE_DIR}/full"
