@@ -112,7 +112,11 @@ def codec_config():
     """The codec's constructor config: the pretrained folder's config.json, or the demo's."""
     if not config["codec"]["pretrained"]:
         return config["codec"]["demo"]["config"]
-    with open(f"{codec_dir()}/config.json") as f:
+    path = f"{codec_dir()}/config.json"
+    if not os.path.isfile(path):
+        raise WorkflowError(f"codec.pretrained: {path} does not exist (expected the official SNAC "
+                            "layout: config.json + pytorch_model.bin)")
+    with open(path) as f:
         return json.load(f)
 
 
