@@ -130,9 +130,10 @@ def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dic
             stats["clipped_samples"] += clipped
         window.clear()
 
+    last_line = time.time()
     with progress() as bar:
         task = bar.add_task(f"shard {shard:03d}", total=len(rows))
-        for row in rows:
+        for n, row in enumerate(rows, start=1):
             try:
                 window.append(prep(row))
             except A.AudioError as e:
@@ -141,6 +142,9 @@ def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dic
             if sum(len(it["x"]) for it in window) >= s["window_seconds"] * geo.codec_rate:
                 flush()
             bar.advance(task)
+            if not console.is_terminal and time.time() - last_line > 30:   # a log file, not a terminal
+                console.print(f"shard {shard:03d}: {n}/{len(rows)} rows read, {stats['accepted']} encoded")
+                last_line = time.time()
         flush()
     stats["rejected"] = len(rejects)
     stats["seconds_accepted"] = round(stats["seconds_accepted"], 3)
