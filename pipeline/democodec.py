@@ -7,7 +7,6 @@ result is an untrained-by-any-real-standard codec: it shows the mechanics, not q
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -2,7 +2,6 @@
 each 48 kHz stage, on whole held-out utterances, noise blocks off, against the cached targets."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import torch

@@ -21,7 +21,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .cache import CACHE_FORMAT, CacheError, Shard, dump_json

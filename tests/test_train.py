@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_24K, tiny_codec
+from conftest import tiny_codec
 
 from pipeline import audio as A
 from pipeline import model as M
