@@ -106,16 +106,16 @@ def main(argv=None) -> int:
 
 def _run(a) -> int | None:
     if a.command == "demo-data":
-        from .demo import generate_demo
+        from .data.demo import generate_demo
         print(json.dumps(generate_demo(a.out, **a.settings)))
     elif a.command == "demo-codec":
-        from .democodec import train_demo_codec
+        from .model.democodec import train_demo_codec
         train_demo_codec(a.manifest, a.out, a.settings)
     elif a.command == "precompute-shard":
-        from .precompute import run_shard
+        from .data.precompute import run_shard
         run_shard(a.manifest, a.shard, a.n_shards, a.codec, a.out, a.settings)
     elif a.command == "precompute-summary":
-        from .precompute import summarize
+        from .data.precompute import summarize
         summarize(a.manifest, a.shards, a.out_dir)
     elif a.command == "cache-info":
         return _cache_info(a)
@@ -128,11 +128,11 @@ def _run(a) -> int | None:
         else:
             show(result, a.against or "settings shared by all phases", a.all)
     elif a.command == "convert-snac":
-        from .codec import convert_official
+        from .model.codec import convert_official
         r = convert_official(a.src, a.dst)
         print(f"converted {r['tensors']} tensors, verified one by one (sha256 {r['digest'][:12]}) -> {r['out']}")
     elif a.command == "train":
-        from .train import train
+        from .training.train import train
         s = dict(a.settings)
         if a.init_checkpoint:
             s["init_checkpoint"] = a.init_checkpoint
@@ -140,13 +140,13 @@ def _run(a) -> int | None:
             s["resume"] = False
         train(a.phase, s, a.codec, a.cache, a.heldout, a.init, a.out, a.resume_from, a.adapter)
     elif a.command == "export":
-        from .model import export_final
+        from .model.snac48 import export_final
         export_final(a.phase_dir, a.out)
     elif a.command == "evaluate":
-        from .evaluate import evaluate
+        from .evaluation.evaluate import evaluate
         evaluate(a.codec, a.heldout, dict(m.split("=", 1) for m in a.model), a.out, a.settings)
     elif a.command in ("resynth", "decode"):
-        from . import infer
+        from .evaluation import infer
         if a.command == "resynth":
             infer.resynth(a.model, a.input, a.output, a.device, a.lora)
         else:
@@ -157,7 +157,7 @@ def _run(a) -> int | None:
 
 
 def _cache_info(a) -> int:
-    from .cache import CacheError, cache_info
+    from .data.cache import CacheError, cache_info
     from .ui import console
     try:
         info = cache_info(a.cache)

@@ -17,8 +17,8 @@ import torch
 import yaml
 from rich.table import Table
 
-from . import audio as A
-from .codec import build_codec, geometry, save_codec
+from .data import audio as A
+from .model.codec import build_codec, geometry, save_codec
 from .ui import console
 
 SNAC_24KHZ = dict(sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
@@ -32,15 +32,15 @@ def _demo_config() -> dict:
 
 
 def _corpus(tmp: Path, seconds: float):
-    from .demo import generate_demo
-    from .manifest import parse_manifest
+    from .data.demo import generate_demo
+    from .data.manifest import parse_manifest
     n = max(4, int(seconds / 2.5))
     generate_demo(tmp / "demo", seed=1, n_train=n, n_heldout=2)
     return tmp / "demo" / "manifest.jsonl", parse_manifest(tmp / "demo" / "manifest.jsonl").rows
 
 
 def precompute(seconds: float = 20.0) -> None:
-    from .precompute import encode_items
+    from .data.precompute import encode_items
     cores = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         _, rows = _corpus(Path(tmp), seconds)
@@ -70,12 +70,12 @@ def precompute(seconds: float = 20.0) -> None:
 
 
 def train(seconds: float = 20.0, steps: int = 6, batch_size: int = 4, segment_seconds: float = 1.0) -> None:
-    from .cache import CACHE_FORMAT, open_cache
-    from .codec import fingerprint, load_codec
-    from .data import SegmentBatches, build_pool, segment_frames
-    from .losses import ReconstructionLoss
-    from .model import from_codec
-    from .precompute import run_shard
+    from .data.cache import CACHE_FORMAT, open_cache
+    from .model.codec import fingerprint, load_codec
+    from .data.segments import SegmentBatches, build_pool, segment_frames
+    from .training.losses import ReconstructionLoss
+    from .model.snac48 import from_codec
+    from .data.precompute import run_shard
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -24,7 +24,7 @@ TINY_24K = dict(sampling_rate=24000, encoder_dim=4, encoder_rates=[2, 4, 8, 8], 
 def tiny_codec_dir(tmp_path_factory):
     """A tiny SNAC saved as the official checkpoint layout (config.json + pytorch_model.bin)."""
     d = tmp_path_factory.mktemp("codec")
-    from pipeline.codec import save_codec
+    from pipeline.model.codec import save_codec
     save_codec(tiny_codec(seed=7), d, official=True)
     return d
 
@@ -33,11 +33,11 @@ def tiny_codec(seed=7, config=TINY_24K):
     """A random tiny SNAC whose codebooks are seeded from its own latents of speech-like audio,
     so its codes are informative (a random SNAC maps almost everything to one code)."""
     import torch
-    from pipeline.codec import build_codec
-    from pipeline.democodec import quantize_with_losses, reset_dead_codes
+    from pipeline.model.codec import build_codec
+    from pipeline.model.democodec import quantize_with_losses, reset_dead_codes
     model = build_codec(config, seed=seed)
     rate = config["sampling_rate"]
-    from pipeline.codec import geometry
+    from pipeline.model.codec import geometry
     n = geometry(config, 2 * rate).pad_to * 8
     x = torch.from_numpy(np.stack([speechlike(2.0, rate, seed=s)[:n] for s in range(4)]))[:, None]
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests for the deterministic demo-corpus generator (pipeline/demo.py)."""
+"""Tests for the deterministic demo-corpus generator (pipeline/data/demo.py)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.demo import generate_demo
+from pipeline.data.demo import generate_demo
 
 RATE = 48000
 KW = dict(seed=7, n_train=6, n_heldout=2, rate=RATE, min_seconds=1.0, max_seconds=2.0)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import TINY_24K, speechlike, tiny_codec
 
-from pipeline import model as M
-from pipeline.codec import convert_official, load_codec, noise_disabled, save_codec, state_digest
-from pipeline.lora import LoRAConfig, apply_lora, save_lora
+from pipeline.model import snac48 as M
+from pipeline.model.codec import convert_official, load_codec, noise_disabled, save_codec, state_digest
+from pipeline.model.lora import LoRAConfig, apply_lora, save_lora
 
 # the three SNAC families at toy width: 24 kHz (no attention, 3 codebooks), 32 kHz and 44 kHz
 # (local attention with a fused to_qkv, their own hops and strides)

@@ -1,4 +1,4 @@
-"""Tests for pipeline.lora on tiny SNAC-style modules (fast, CPU, float32).
+"""Tests for pipeline.model.lora on tiny SNAC-style modules (fast, CPU, float32).
 
 Tolerance for merged-vs-unmerged comparisons: atol 1e-5, rtol 1e-5 (float32); a fresh adapter
 (B = 0) must reproduce the base output bit-exactly (torch.equal)."""
@@ -12,7 +12,7 @@ from snac.layers import DecoderBlock
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from pipeline.lora import (FusedQKVLoRA, LoRAConfig, LoRALayer, apply_lora, load_lora,
+from pipeline.model.lora import (FusedQKVLoRA, LoRAConfig, LoRALayer, apply_lora, load_lora,
                            lora_layers, lora_state_dict, merge_lora, save_lora,
                            set_active_adapter, set_lora_enabled, unload_lora, unmerge_lora)
 

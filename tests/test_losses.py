@@ -1,4 +1,4 @@
-"""Fast tests for pipeline.losses: losses, metrics, edge cases (short signals, autocast)."""
+"""Fast tests for pipeline.training.losses: losses, metrics, edge cases (short signals, autocast)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import (
+from pipeline.training.losses import (
     MelL1Loss,
     MultiResolutionSTFTLoss,
     ReconstructionLoss,

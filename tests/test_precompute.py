@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import TINY_24K, speechlike, write_audio, write_manifest
 
-from pipeline import cache as C
-from pipeline.alignment import check_shard
-from pipeline.codec import geometry, load_codec, save_codec, state_digest
-from pipeline.precompute import run_shard, summarize
+from pipeline.data import cache as C
+from pipeline.data.alignment import check_shard
+from pipeline.model.codec import geometry, load_codec, save_codec, state_digest
+from pipeline.data.precompute import run_shard, summarize
 
 
 def test_official_layout_loads_and_codes_equal_snac_encode(tiny_codec_dir, tmp_path):
@@ -24,7 +24,7 @@ def test_official_layout_loads_and_codes_equal_snac_encode(tiny_codec_dir, tmp_p
     ref.load_state_dict(torch.load(tiny_codec_dir / "pytorch_model.bin", weights_only=True))
     ref.eval()
     x = torch.from_numpy(speechlike(1.3, 24000, seed=1))[None, None]
-    from pipeline.precompute import encode_items
+    from pipeline.data.precompute import encode_items
     item = {"x": x[0, 0].numpy()}
     encode_items(ours, geometry(ours), [item], 64.0, "cpu")
     with torch.inference_mode():
@@ -185,7 +185,7 @@ def test_cache_info_cli_and_disagreeing_shards(good_cache, tmp_path):
 
 
 def test_fingerprint_mismatch_is_refused(good_cache, tmp_path):
-    from pipeline.codec import build_codec, fingerprint
+    from pipeline.model.codec import build_codec, fingerprint
     d, _, _ = good_cache
     other = build_codec(TINY_24K, seed=99)
     with pytest.raises(C.CacheError, match="codec_digest"):

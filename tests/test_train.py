@@ -8,14 +8,14 @@ import pytest
 import torch
 from conftest import tiny_codec
 
-from pipeline import audio as A
-from pipeline import model as M
-from pipeline import train as T
-from pipeline.cache import open_cache
-from pipeline.codec import load_codec, noise_disabled, state_digest
-from pipeline.data import build_pool, collate, fixed_segments, segment_frames
-from pipeline.losses import ReconstructionLoss
-from pipeline.precompute import run_shard
+from pipeline.data import audio as A
+from pipeline.model import snac48 as M
+from pipeline.training import train as T
+from pipeline.data.cache import open_cache
+from pipeline.model.codec import load_codec, noise_disabled, state_digest
+from pipeline.data.segments import build_pool, collate, fixed_segments, segment_frames
+from pipeline.training.losses import ReconstructionLoss
+from pipeline.data.precompute import run_shard
 from pipeline.settings import TRAIN_DEFAULTS, merge
 
 
@@ -85,8 +85,8 @@ def test_smart_init_starts_at_the_upsampled_24k_output():
 # ---- a small cache from the demo corpus -------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory):
-    from pipeline.codec import save_codec
-    from pipeline.demo import generate_demo
+    from pipeline.model.codec import save_codec
+    from pipeline.data.demo import generate_demo
     d = tmp_path_factory.mktemp("train")
     generate_demo(d / "demo", seed=5, n_train=6, n_heldout=3, min_seconds=1.2, max_seconds=2.0)
     save_codec(tiny_codec(), d / "codec")
@@ -294,7 +294,7 @@ def test_preflight_stops_before_training(small_cache, tmp_path):
 
 
 def test_training_refuses_a_cache_of_another_codec(small_cache, tmp_path):
-    from pipeline.codec import save_codec
+    from pipeline.model.codec import save_codec
     save_codec(tiny_codec(seed=8), tmp_path / "other")
     shards = sorted(str(p) for p in (small_cache / "cache").glob("shard-*.zarr"))
     held = sorted(str(p) for p in (small_cache / "heldout").glob("shard-*.zarr"))
@@ -342,7 +342,7 @@ def test_init_checkpoint_non_strict_and_refusal(small_cache, tmp_path):
 def test_several_manifests_sampled_by_weight(small_cache, tmp_path):
     """Three manifests (the demo rows dealt out 1/2/3) with weights 65/25/10: sampled
     proportions follow the weights, not the manifests' sizes; rows keep their dataset_id."""
-    from pipeline.data import SegmentBatches
+    from pipeline.data.segments import SegmentBatches
     rows = (small_cache / "demo/manifest.jsonl").read_text().splitlines()
     parts = [rows[:1], rows[1:3], rows[3:6]]
     paths = []

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.manifest import parse_manifest, shard_of
+from pipeline.data.manifest import parse_manifest, shard_of
 from workflow_util import (N_HELDOUT, N_SHARDS, N_TRAIN, REPO, STEPS, clone_tree, dry_run, dry_run_with,
                            lora_adapters, make_tree, merged_config, mtimes, run_env, snakemake,
                            snakemake_cmd)
@@ -95,7 +95,7 @@ def test_full_demo_run_outputs(built):
 
     # final.pt: weights_only-safe, loadable, identical to model.safetensors beside it and to the
     # output (LoRA merged) of the adapter the config names as final
-    from pipeline.model import FORMAT, load_model
+    from pipeline.model.snac48 import FORMAT, load_model
     source = f"lora/{FINAL_ADAPTER}" if FINAL_ADAPTER else "full"
     blob = torch.load(res / "phase11/final.pt", map_location="cpu", weights_only=True)
     assert set(blob) == {"config", "state_dict"}

@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from pipeline.manifest import parse_manifest, rows_digest, shard_rows
+from pipeline.data.manifest import parse_manifest, rows_digest, shard_rows
 from pipeline.settings import (PHASES, PRECOMPUTE_DEFAULTS, adapter_settings, lora_adapters,
                                manifest_entries, merge, phase_settings)
 
@@ -123,7 +123,7 @@ def codec_config():
 def check_groups():
     """Every phase's parameter groups and LoRA targets against the model's parameter names,
     at parse time: a bad pattern in a late phase fails before the first job runs."""
-    from pipeline.model import check_phase_groups
+    from pipeline.model.snac48 import check_phase_groups
     phases = {p: phase_settings(config, p) for p in ("warmup", "full")}
     phases.update({f"lora.adapters.{a}": adapter_settings(config, a) for a in ADAPTERS})
     try:

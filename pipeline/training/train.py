@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from .cache import CACHE_FORMAT, CacheError, Shard, dump_json
-from .codec import fingerprint, load_codec, pick_device, state_digest
-from .data import SegmentBatches, build_pool, collate, fixed_segments, open_training_cache, segment_frames
+from ..data.cache import CACHE_FORMAT, CacheError, Shard, dump_json
+from ..model.codec import fingerprint, load_codec, pick_device, state_digest
+from ..data.segments import SegmentBatches, build_pool, collate, fixed_segments, open_training_cache, segment_frames
 from .losses import ReconstructionLoss
-from .model import FROZEN_FOREVER, from_codec, load_model, matches, param_groups, save_model
-from .settings import check_phase
-from .ui import console, progress
+from ..model.snac48 import FROZEN_FOREVER, from_codec, load_model, matches, param_groups, save_model
+from ..settings import check_phase
+from ..ui import console, progress
 from rich.progress import TextColumn
 
 
@@ -91,7 +91,7 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, re
            f"codes at {fp['codec_rate']} Hz -> model and targets at {target_rate} Hz")
     lora_cfg = None
     if s["lora"]["enabled"]:
-        from .lora import LoRAConfig, apply_lora
+        from ..model.lora import LoRAConfig, apply_lora
         base_digest = model.base_digest()
         lora_cfg = LoRAConfig(**{k: v for k, v in s["lora"].items() if k != "enabled"})
         wrapped = apply_lora(model, lora_cfg, adapter)
@@ -202,7 +202,7 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, re
     extra = {"phase": phase, "run": run, "steps": s["steps"], "settings": s, "init": start_weights,
              "best_val": state["best"], "nonfinite_skipped": state["nonfinite_total"]}
     if lora_cfg is not None:
-        from .lora import merge_lora, save_lora
+        from ..model.lora import merge_lora, save_lora
         save_lora(model, out / "lora_weights.safetensors", lora_cfg, adapter, base_digest=base_digest)
         merge_lora(model)
     save_model(model, out, extra)
@@ -305,7 +305,7 @@ def lr_lambda(s: dict):
 
 @torch.no_grad()
 def validate(model, loss_fn, val, batch_size, device, autocast) -> float:
-    from .codec import noise_disabled
+    from ..model.codec import noise_disabled
     model.eval()
     total, n = 0.0, 0
     with noise_disabled(model):

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import audio as A
-from .cache import dump_json
+from ..data import audio as A
+from ..data.cache import dump_json
 from .codec import build_codec, geometry, noise_disabled, save_codec
-from .losses import ReconstructionLoss, evaluate_pair
-from .manifest import parse_manifest
-from .ui import console
+from ..training.losses import ReconstructionLoss, evaluate_pair
+from ..data.manifest import parse_manifest
+from ..ui import console
 
 DEFAULTS = {"seed": 0, "config": None, "steps": 600, "batch_size": 8, "segment_seconds": 0.5,
             "lr": 2e-3, "lambdas": {"l1": 1.0, "stft": 1.0, "mel": 1.0},

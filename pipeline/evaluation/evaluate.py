@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import audio as A
-from .cache import CACHE_FORMAT, dump_json, open_cache, Shard
-from .codec import fingerprint, load_codec, noise_disabled, pick_device
-from .losses import evaluate_pair
-from .model import load_model
-from .ui import console
+from ..data import audio as A
+from ..data.cache import CACHE_FORMAT, dump_json, open_cache, Shard
+from ..model.codec import fingerprint, load_codec, noise_disabled, pick_device
+from ..training.losses import evaluate_pair
+from ..model.snac48 import load_model
+from ..ui import console
 
 METRICS = ("mrstft", "mel_l1", "lsd_db", "lsd_hf_db", "si_sdr_db")
 

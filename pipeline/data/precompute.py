@@ -20,12 +20,12 @@ import torch
 
 from . import audio as A
 from .cache import ShardWriter, Shard, dump_json
-from .codec import fingerprint, geometry, load_codec, pick_device
+from ..model.codec import fingerprint, geometry, load_codec, pick_device
 from .manifest import as_paths, parse_manifest, shard_rows
 from .cache import CACHE_FORMAT
-from .ui import console, progress
+from ..ui import console, progress
 
-from .settings import PRECOMPUTE_DEFAULTS as DEFAULTS
+from ..settings import PRECOMPUTE_DEFAULTS as DEFAULTS
 
 POLICIES = ("reject", "keep_bandlimited", "bwe")
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import audio as A
-from .codec import noise_disabled
+from ..model.codec import noise_disabled
 
 
 def receptive_field(fn, channels: int, length: int) -> int:

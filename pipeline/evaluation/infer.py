@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import audio as A
-from .codec import pick_device
-from .model import load_model
-from .ui import console
+from ..data import audio as A
+from ..model.codec import pick_device
+from ..model.snac48 import load_model
+from ..ui import console
 
 
 @torch.inference_mode()

@@ -17,7 +17,7 @@ Smart init (the default) makes the new model start as "the 24 kHz output, upsamp
     inits) so it spans the same time at the new rate. With the hold above, the head then sees
     at every 48 kHz sample exactly the features it saw at the 24 kHz one, and the start is the
     24 kHz output held for r samples (measured on the demo codec: 11.7 dB SNR against the soxr
-    upsampling of the 24 kHz output, vs -21 dB for random init; tests/test_model.py).
+    upsampling of the 24 kHz output, vs -21 dB for random init; tests/test_train.py).
 (A linear-interpolating upsampler was tried first: learned features alternate in sign from
 sample to sample, so interpolated features gave -10 dB; and an undilated head, -14 dB.)
 All writes go to the parameters weight_norm really holds: `module.weight = W` (right_inverse sets
@@ -98,7 +98,7 @@ class SNAC48(nn.Module):
     def frozen_parts(self):
         return [self.encoder, self.quantizer]
 
-    # LoRA at inference: adapters hot-swap on the loaded base (see pipeline.lora)
+    # LoRA at inference: adapters hot-swap on the loaded base (see pipeline.model.lora)
     def load_lora(self, path, adapter: str | None = None):
         """-> (loaded, skipped) keys; warns if the adapter was trained on another base."""
         from . import lora

@@ -1,0 +1,1 @@
+"""Data in: manifests, audio, precompute, the Zarr cache, the demo corpus, training segments."""

@@ -1,0 +1,1 @@
+"""What users look at: held-out evaluation and inference."""

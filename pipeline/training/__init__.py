@@ -1,0 +1,1 @@
+"""Training: the trainer and what it calls (losses, checkpoints, preflight)."""
