@@ -85,7 +85,7 @@ def train(seconds: float = 20.0, steps: int = 6, batch_size: int = 4, segment_se
         codec = load_codec(tmp / "codec")
         fp = fingerprint(codec, 48000, CACHE_FORMAT)
         shards = open_cache([tmp / "shard-000.zarr"], preload=True, expect=fp)
-        n = segment_frames(segment_seconds, fp)
+        n = segment_frames(segment_seconds, shards[0].geometry)
         batches = SegmentBatches(shards, build_pool(shards, n), n, batch_size, 0, 10**6)
         model = from_codec(codec, 48000).train()
         params = [p for p in model.decoder.parameters()]

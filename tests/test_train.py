@@ -113,7 +113,7 @@ def run(d, phase, s, out, init=None):
 def test_smart_init_has_lower_heldout_loss_at_step_0(small_cache):
     codec = load_codec(small_cache / "codec")
     held = open_cache(small_cache / "heldout")
-    n = segment_frames(0.5, held[0].fingerprint)
+    n = segment_frames(0.5, held[0].geometry)
     codes, target = collate(fixed_segments(held, n, 8))
     loss = ReconstructionLoss(48000, {"l1": 1, "stft": 1, "mel": 1}, n_ffts=[512, 1024], n_mels=64)
     out = {}
@@ -244,7 +244,7 @@ def test_nonfinite_losses_skip_then_abort(small_cache, tmp_path, monkeypatch):
 
 def test_pool_filters_dataset_and_bandlimited(small_cache):
     shards = open_cache(small_cache / "cache")
-    n = segment_frames(0.25, shards[0].fingerprint)
+    n = segment_frames(0.25, shards[0].geometry)
     every = build_pool(shards, n)
     only1 = build_pool(shards, n, dataset_ids=[1])
     ids = [int(sh.table["dataset_id"][i]) for sh in shards for i in range(len(sh))]
@@ -355,7 +355,7 @@ def test_several_manifests_sampled_by_weight(small_cache, tmp_path):
     assert sorted(shards[0].table["source"].tolist()) == [0, 1, 1, 2, 2, 2]
     want = {json.loads(r)["id"]: json.loads(r)["dataset_id"] for r in rows}
     assert {u: int(d) for u, d in zip(shards[0].ids, shards[0].table["dataset_id"])} == want
-    n = segment_frames(0.25, shards[0].fingerprint)
+    n = segment_frames(0.25, shards[0].geometry)
     pool = build_pool(shards, n)
     b = SegmentBatches(shards, pool, n, 8, 0, 10**6, source_weights=[65, 25, 10])
     counts = np.zeros(3)

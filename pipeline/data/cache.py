@@ -9,7 +9,7 @@ Layout of `shard-NNN.zarr` (all 1-D, ragged arrays concatenated with int64 offse
   dataset_id int32, source int16 (manifest index), source_rate int32, samples int64 (true
   target-rate length), bandlimited bool, clipped int32      (the per-utterance table)
   attrs: fingerprint {cache_format, codec_digest, codec_rate, target_rate, hop, hop_target,
-         strides, pad_to, codebook_size}, ids [...], rejects [...], stats {...}
+         strides, pad_to, codebook_size, attn_window}, ids [...], rejects [...], stats {...}
 
 Chunking: audio uses 2^16-sample chunks (1.4 s at 48 kHz) inside 2^24-sample zarr shards
 (5.8 min, 32 MiB raw), codes 2^14-frame chunks inside 2^20 shards. 1,000 hours of audio are
@@ -28,7 +28,9 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-CACHE_FORMAT = 1
+from ..model.codec import geometry_of
+
+CACHE_FORMAT = 2          # 2: the fingerprint records the attention window
 AUDIO_CHUNK, AUDIO_SHARD = 2**16, 2**24
 CODE_CHUNK, CODE_SHARD = 2**14, 2**20
 TABLE = {"dataset_id": "int32", "source": "int16", "source_rate": "int32", "samples": "int64",
@@ -129,6 +131,7 @@ class Shard:
         self.rejects, self.stats = attrs.get("rejects", []), attrs.get("stats", {})
         g = self.group
         self.audio_off = g["audio_offsets"][:]
+        self.geometry = geometry_of(self.fingerprint)
         self.strides = self.fingerprint["strides"]
         self.code_off = [g[f"codes_{i}_offsets"][:] for i in range(len(self.strides))]
         self.table = {k: g[k][:] for k in TABLE}

@@ -24,17 +24,17 @@ class Pool:
         self.excluded[reason] = self.excluded.get(reason, 0) + 1
 
 
-def segment_frames(seconds: float, geo: dict) -> int:
-    """Segment length in finest frames: a multiple of the coarsest stride, at least one."""
-    coarse = max(geo["strides"])
-    per_second = geo["target_rate"] / geo["hop_target"]
-    return max(1, round(seconds * per_second / coarse)) * coarse
+def segment_frames(seconds: float, geo) -> int:
+    """Segment length in finest frames: a whole number (at least one) of `geo.quantum`, so every
+    codebook gets whole codes and SNAC's local attention whole windows."""
+    per_second = geo.target_rate / geo.hop_target
+    return max(1, round(seconds * per_second / geo.quantum)) * geo.quantum
 
 
 def build_pool(shards, n_frames: int, dataset_ids=None, allow_bandlimited=False) -> Pool:
     pool = Pool()
     for si, sh in enumerate(shards):
-        hop_t = sh.fingerprint["hop_target"]
+        hop_t = sh.geometry.hop_target
         for ui in range(len(sh)):
             if dataset_ids is not None and int(sh.table["dataset_id"][ui]) not in dataset_ids:
                 pool.exclude("dataset_id filtered out")
@@ -55,7 +55,7 @@ class SegmentBatches(torch.utils.data.Dataset):
         if not pool.items:
             raise RuntimeError(f"no training utterances left after filters: {pool.excluded}")
         self.shards, self.pool, self.n, self.bs, self.seed, self.length = shards, pool, n_frames, batch_size, seed, length
-        self.coarse = max(shards[0].strides)
+        self.quantum = shards[0].geometry.quantum   # segment offsets: whole codes, whole attention windows
         # with weights: pick a manifest by weight, then an utterance of it uniformly
         self.by_source = None
         if source_weights:
@@ -82,8 +82,8 @@ class SegmentBatches(torch.utils.data.Dataset):
         codes, audio = [], []
         for p in self.picks(rng):
             si, ui, usable, _ = self.pool.items[p]
-            slots = (usable - self.n) // self.coarse + 1
-            offset = int(rng.integers(slots)) * self.coarse
+            slots = (usable - self.n) // self.quantum + 1
+            offset = int(rng.integers(slots)) * self.quantum
             c, a = self.shards[si].segment(ui, offset, self.n)
             codes.append(c)
             audio.append(a)
@@ -96,7 +96,7 @@ def fixed_segments(shards, n_frames: int, limit: int) -> list:
     """Deterministic validation segments: consecutive aligned windows of each held-out utterance."""
     out = []
     for sh in shards:
-        hop_t = sh.fingerprint["hop_target"]
+        hop_t = sh.geometry.hop_target
         for ui in range(len(sh)):
             usable = int(sh.table["samples"][ui] // hop_t)
             for off in range(0, usable - n_frames + 1, n_frames):

@@ -35,10 +35,17 @@ class Geometry:
     strides: tuple      # per codebook, in finest frames (SNAC's vq_strides)
     pad_to: int         # SNAC pads inputs to a multiple of this many codec-rate samples
     codebook_size: int
+    attn_window: int    # SNAC's local-attention window in finest frames (1: no attention)
 
     @property
     def coarsest(self) -> int:
         return max(self.strides)
+
+    @property
+    def quantum(self) -> int:
+        """Segments start at, and last, multiples of this many finest frames: whole codes of the
+        coarsest codebook and whole windows of SNAC's local attention."""
+        return math.lcm(self.coarsest, self.attn_window)
 
     @property
     def n_codebooks(self) -> int:
@@ -57,9 +64,10 @@ def geometry(model_or_config, target_rate: int = 48000) -> Geometry:
     if (hop * target_rate) % rate:
         raise ValueError(f"target rate {target_rate} is not a whole number of samples per codec hop "
                          f"({hop} samples at {rate} Hz)")
-    pad_to = hop * math.lcm(strides[0], cfg.get("attn_window_size") or 1)
+    window = int(cfg.get("attn_window_size") or 1)
+    pad_to = hop * math.lcm(strides[0], window)
     return Geometry(rate, int(target_rate), hop, hop * target_rate // rate, strides, pad_to,
-                    int(cfg["codebook_size"]))
+                    int(cfg["codebook_size"]), window)
 
 
 def snac_config(model: SNAC) -> dict:
@@ -153,6 +161,12 @@ def noise_disabled(model: torch.nn.Module):
     finally:
         for b in blocks:
             del b.forward
+
+
+def geometry_of(fingerprint: dict) -> Geometry:
+    """The Geometry a cache fingerprint records."""
+    return Geometry(**{k: tuple(v) if k == "strides" else v for k, v in fingerprint.items()
+                       if k in Geometry.__dataclass_fields__})
 
 
 def fingerprint(model: SNAC, target_rate: int, cache_format: int) -> dict:

@@ -58,7 +58,7 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, re
     except CacheError as e:
         pf.add("cache fingerprint = codec's", False, str(e))
         pf.finish()
-    n_frames = segment_frames(s["segment_seconds"], fp)
+    n_frames = segment_frames(s["segment_seconds"], shards[0].geometry)
     pool = build_pool(shards, n_frames, s["dataset_ids"], s["allow_bandlimited"])
     pf.add("utterances after filters", len(pool.items) > 0,
            f"{len(pool.items)} (excluded: {pool.excluded or 'none'}); segments of {n_frames} frames = "
