@@ -8,7 +8,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# Defaults are not filled in here: pipeline/settings.py reads them from the schema and layers each
+# phase's settings (filling them into train.defaults and every phase would override the former).
+validate(config, "workflow/schemas/config.schema.yaml", set_default=False)
 
 
 include: "workflow/rules/common.smk"

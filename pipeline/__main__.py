@@ -55,8 +55,11 @@ def main(argv=None) -> int:
 
     c = sub.add_parser("train", help="train one phase of the 48 kHz decoder")
     c.add_argument("--phase", required=True)
-    c.add_argument("--settings", type=_json, required=True)
+    c.add_argument("--settings", type=_json, required=True, help="the phase's run settings (JSON)")
+    c.add_argument("--runtime", type=_json, default={},
+                   help="runtime knobs (JSON: workers, device, intervals...), merged over --settings")
     c.add_argument("--codec", required=True)
+    c.add_argument("--target-rate", type=int, required=True, help="codec.target_rate: the cache must hold it")
     c.add_argument("--cache", nargs="+", required=True, help="training cache shards")
     c.add_argument("--heldout", nargs="+", required=True, help="held-out cache shards")
     c.add_argument("--init", default=None, help="previous phase's output folder")
@@ -132,13 +135,20 @@ def _run(a) -> int | None:
         r = convert_official(a.src, a.dst)
         print(f"converted {r['tensors']} tensors, verified one by one (sha256 {r['digest'][:12]}) -> {r['out']}")
     elif a.command == "train":
+        from .training.guards import Stopped
         from .training.train import train
-        s = dict(a.settings)
+        s = {**a.settings, **a.runtime}
         if a.init_checkpoint:
             s["init_checkpoint"] = a.init_checkpoint
         if a.no_resume:
             s["resume"] = False
-        train(a.phase, s, a.codec, a.cache, a.heldout, a.init, a.out, a.resume_from, a.adapter)
+        try:
+            train(a.phase, s, a.codec, a.cache, a.heldout, a.init, a.out, target_rate=a.target_rate,
+                  resume_from=a.resume_from, adapter=a.adapter)
+        except Stopped as e:
+            from .ui import console
+            console.print(f"[bold yellow]stopped:[/] {e}")
+            return e.code
     elif a.command == "export":
         from .model.snac48 import export_final
         export_final(a.phase_dir, a.out)

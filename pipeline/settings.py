@@ -1,51 +1,54 @@
-"""Effective settings of each job, computed from the config (no torch import: the Snakefile
+"""Effective settings of each job, from the config and the schema (no torch import: the Snakefile
 uses this at parse time, and what it returns is what Snakemake records as `params`).
 
-A phase's settings are: code defaults <- `train.defaults` <- `train.<phase>`. Passing the
-merged dict as a param means changing one phase's hyperparameter reruns exactly that phase (and,
-through their inputs, the phases after it).
+Every default lives in workflow/schemas/config.schema.yaml; this module reads them and keeps only
+the checks that span several keys. A phase's settings are
+
+    schema defaults <- the phase's own defaults (train.<phase>.default) <- train.defaults <- train.<phase>
+
+and split in two: the *run settings* (everything that changes the training trajectory: they are
+the rule's params and define the run) and the *runtime knobs* (the schema's `x-runtime` list:
+workers, device, logging and checkpoint intervals...), which change how a phase runs, never what
+it computes, so changing one neither reruns a finished phase nor discards a killed run.
 """
 from __future__ import annotations
 
 import copy
+import functools
+from pathlib import Path
 
-PHASES = ("warmup", "full", "lora")
+import yaml
 
-PRECOMPUTE_DEFAULTS = {"target_rate": 48000, "min_seconds": 0.5, "low_rate_policy": "reject", "bwe_model": None,
-                       "batch_seconds": 64.0, "window_seconds": 600.0, "device": "auto", "resample_quality": "HQ"}
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
-TRAIN_DEFAULTS = {
-    "steps": 1000, "batch_size": 32, "grad_accum": 1, "segment_seconds": 4.0,
-    "lr": 1e-5, "lr_min_ratio": 0.1, "warmup_steps": 100, "betas": [0.8, 0.99],
-    "weight_decay": 0.01, "grad_clip": 1.0, "seed": 0,
-    "val_every": 200, "val_batches": 8, "ckpt_every": 100, "keep_best": 3, "log_every": 10,
-    "max_nonfinite": 20,
-    "lambdas": {"l1": 1.0, "stft": 1.0, "mel": 1.0},
-    "n_ffts": [1024, 2048, 4096, 8192], "n_mels": 128,
-    "dataset_ids": None, "allow_bandlimited": False,
-    # parameter groups: module-name patterns (fnmatch; a pattern also covers everything under the
-    # module), each trainable or frozen with its own lr factor; parameters in no group are frozen
-    "groups": [{"pattern": "decoder", "trainable": True, "lr_factor": 1.0}],
-    "init": "smart",
-    # warm restart: start from these weights (model folder, final.pt, .safetensors or a step
-    # checkpoint), loaded strictly or, on an architecture mismatch, non-strictly with a report;
-    # fresh optimizer and schedule, step 0
-    "init_checkpoint": None,
-    # exact resume from this run's own newest step checkpoint (same settings and inputs)
-    "resume": True,
-    "lora": {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["decoder.*"]},
-    "device": "auto", "num_workers": 2, "preload": "auto",
-    # sampling weight per training manifest (from `manifest: [{path, weight}]`); None: uniform
-    # over utterances. Not a per-phase key: filled in from the manifest list.
-    "source_weights": None,
-}
-PHASE_DEFAULTS = {
-    "warmup": {"lr": 5e-5, "groups": [{"pattern": "decoder.new_block", "trainable": True, "lr_factor": 1.0}]},
-    "full": {"lr": 1e-5, "groups": [{"pattern": "decoder", "trainable": True, "lr_factor": 1.0}]},
-    "lora": {"lr": 1e-4, "lora": {"enabled": True},
-             "groups": [{"pattern": "*.lora_*", "trainable": True, "lr_factor": 1.0}]},
-}
-INITS = ("smart", "random")
+# The phase chain, declared once: each phase starts from the output of the one before it.
+PHASE_CHAIN = {"warmup": None, "full": "warmup", "lora": "full"}
+PHASES = tuple(PHASE_CHAIN)
+
+
+@functools.cache
+def schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def schema_defaults(node: dict) -> dict:
+    """{key: default} of an object schema, nested objects included."""
+    out = {}
+    for key, prop in node.get("properties", {}).items():
+        if "default" in prop:
+            out[key] = copy.deepcopy(prop["default"])
+        elif prop.get("properties"):
+            out[key] = schema_defaults(prop)
+    return out
+
+
+PHASE_SCHEMA = schema()["$defs"]["phase"]
+TRAIN_DEFAULTS = schema_defaults(PHASE_SCHEMA)
+PHASE_DEFAULTS = {p: schema()["properties"]["train"]["properties"][p].get("default", {}) for p in PHASES}
+RUNTIME_KEYS = frozenset(PHASE_SCHEMA["x-runtime"])
+GROUP_DEFAULTS = schema_defaults(PHASE_SCHEMA["properties"]["groups"]["items"])
+PRECOMPUTE_DEFAULTS = {**schema_defaults(schema()["properties"]["precompute"]),
+                       "target_rate": schema()["properties"]["codec"]["properties"]["target_rate"]["default"]}
 
 
 def manifest_entries(value) -> list:
@@ -63,31 +66,64 @@ def merge(base: dict, over: dict | None) -> dict:
 
 
 def phase_settings(config: dict, phase: str) -> dict:
+    """The complete settings of one phase (run settings and runtime knobs together)."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; phases are {PHASES}")
     train = config.get("train", {})
     s = merge(merge(merge(TRAIN_DEFAULTS, PHASE_DEFAULTS[phase]), train.get("defaults")), train.get(phase))
     entries = manifest_entries(config.get("manifest", []))
     s["source_weights"] = [w for _, w in entries] if len(entries) > 1 else None
-    check_phase(s, phase)
+    return complete(s, f"train.{phase}")
+
+
+def complete(s: dict, where: str) -> dict:
+    """A phase's settings checked, with the defaults of its group entries filled in and no
+    manifest weights unless given."""
+    s = {"source_weights": None, **s, "groups": [{**GROUP_DEFAULTS, **g} for g in s["groups"]]}
+    check_phase(s, where)
     return s
 
 
-def check_phase(s: dict, phase: str) -> None:
-    unknown = set(s) - set(TRAIN_DEFAULTS)
-    if unknown:
-        raise ValueError(f"train.{phase}: unknown keys {sorted(unknown)}")
-    for g in s["groups"]:
-        unknown = set(g) - {"pattern", "trainable", "lr_factor"}
-        if unknown or "pattern" not in g:
-            raise ValueError(f"train.{phase}.groups: each group is {{pattern, trainable, lr_factor}}, got {g}")
-    if s["init"] not in INITS:
-        raise ValueError(f"train.{phase}.init must be one of {INITS}")
+def run_settings(s: dict) -> dict:
+    """What defines a run: every setting but the runtime knobs."""
+    return {k: v for k, v in s.items() if k not in RUNTIME_KEYS}
+
+
+def runtime_settings(s: dict) -> dict:
+    return {k: v for k, v in s.items() if k in RUNTIME_KEYS}
+
+
+def check_phase(s: dict, where: str) -> None:
+    """Schema (keys, types, ranges) and the checks that span keys; raises ValueError naming `where`."""
+    import jsonschema
+    errors = sorted(jsonschema.Draft202012Validator(PHASE_SCHEMA).iter_errors(
+        {k: v for k, v in s.items() if k != "source_weights"}), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        raise ValueError(f"{'.'.join([where, *map(str, e.path)])}: {e.message}")
     if s["warmup_steps"] > s["steps"]:
-        raise ValueError(f"train.{phase}: warmup_steps {s['warmup_steps']} > steps {s['steps']}")
-    unknown = set(s["lambdas"]) - {"l1", "stft", "mel"}
-    if unknown:
-        raise ValueError(f"train.{phase}.lambdas: unknown terms {sorted(unknown)}")
+        raise ValueError(f"{where}: warmup_steps {s['warmup_steps']} > steps {s['steps']}")
+
+
+def check_segment(s: dict, geo, where: str) -> None:
+    """Spectral loss sizes must fit in a training segment (they used to be clamped silently)."""
+    from_frames = segment_samples(s, geo)
+    too_big = [n for n in s["n_ffts"] if n > from_frames]
+    if too_big:
+        raise ValueError(f"{where}.n_ffts: {too_big} exceed a training segment of {from_frames} samples "
+                         f"(segment_seconds {s['segment_seconds']} at {geo.target_rate} Hz): lower them or "
+                         "lengthen the segments")
+
+
+def segment_frames(seconds: float, geo) -> int:
+    """Segment length in finest frames: a whole number (at least one) of `geo.quantum`, so every
+    codebook gets whole codes and SNAC's local attention whole windows."""
+    per_second = geo.target_rate / geo.hop_target
+    return max(1, round(seconds * per_second / geo.quantum)) * geo.quantum
+
+
+def segment_samples(s: dict, geo) -> int:
+    return segment_frames(s["segment_seconds"], geo) * geo.hop_target
 
 
 def lora_adapters(config: dict) -> tuple:
@@ -103,6 +139,11 @@ def lora_adapters(config: dict) -> tuple:
 def adapter_settings(config: dict, name: str) -> dict:
     """The lora phase's settings with one adapter's overrides (e.g. its dataset_ids)."""
     adapters, _ = lora_adapters(config)
-    s = merge(phase_settings(config, "lora"), adapters[name])
-    check_phase(s, f"lora.adapters.{name}")
-    return s
+    return complete(merge(phase_settings(config, "lora"), adapters[name]), f"lora.adapters.{name}")
+
+
+def with_defaults(config: dict) -> dict:
+    """The config with the schema's defaults filled in for every section but `train` (phases are
+    merged by phase_settings, where filling them here would override train.defaults)."""
+    top = schema()["properties"]
+    return merge({k: schema_defaults(v) for k, v in top.items() if k != "train" and v.get("properties")}, config)

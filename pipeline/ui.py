@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)   # long lines (paths) are not broken in logs
 
 
 def progress(*extra_columns) -> Progress:

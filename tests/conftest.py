@@ -70,3 +70,34 @@ def write_manifest(path, rows):
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return path
+
+
+# ---- a small cache from the demo corpus -------------------------------------------------------
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory):
+    from pipeline.data.demo import generate_demo
+    from pipeline.data.precompute import run_shard
+    from pipeline.model.codec import save_codec
+    d = tmp_path_factory.mktemp("train")
+    generate_demo(d / "demo", seed=5, n_train=6, n_heldout=3, min_seconds=1.2, max_seconds=2.0)
+    save_codec(tiny_codec(), d / "codec")
+    for name, m, n in (("cache", "manifest.jsonl", 2), ("heldout", "heldout.jsonl", 1)):
+        for k in range(n):
+            run_shard(d / "demo" / m, k, n, d / "codec", d / name / f"shard-{k:03d}.zarr")
+    return d
+
+
+def settings(**over):
+    from pipeline.settings import TRAIN_DEFAULTS, merge
+    base = {"steps": 8, "batch_size": 2, "segment_seconds": 0.25, "warmup_steps": 2, "val_every": 4,
+            "val_batches": 1, "ckpt_every": 2, "keep_best": 1, "log_every": 2, "n_ffts": [256, 512],
+            "n_mels": 40, "num_workers": 0, "lr": 1e-3,
+            "groups": [{"pattern": "decoder.new_block", "trainable": True, "lr_factor": 1.0}]}
+    return merge(merge(TRAIN_DEFAULTS, base), over)
+
+
+def run(d, phase, s, out, init=None, **kw):
+    from pipeline.training import train as T
+    shards = sorted(str(p) for p in (d / "cache").glob("shard-*.zarr"))
+    held = sorted(str(p) for p in (d / "heldout").glob("shard-*.zarr"))
+    return T.train(phase, s, d / "codec", shards, held, init, out, target_rate=48000, **kw)

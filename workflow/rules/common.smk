@@ -8,8 +8,11 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 from pipeline.data.manifest import parse_manifest, rows_digest, shard_rows
-from pipeline.settings import (PHASES, PRECOMPUTE_DEFAULTS, adapter_settings, lora_adapters,
-                               manifest_entries, merge, phase_settings)
+from pipeline.settings import (PHASE_CHAIN, PHASES, PRECOMPUTE_DEFAULTS, adapter_settings, lora_adapters,
+                               manifest_entries, merge, phase_settings, run_settings, runtime_settings,
+                               with_defaults)
+
+config.update(with_defaults(config))      # the schema's defaults (validated without filling them in)
 
 DEMO_DIR = "data/demo"
 RESULTS = "results"
@@ -92,14 +95,22 @@ def precompute_settings():
 
 # ---- training ------------------------------------------------------------------------------
 PHASE_DIR = f"{RESULTS}/phase11"
+TARGET_RATE = config["codec"]["target_rate"]
 
 
-def phase_json(phase):
-    return json.dumps(phase_settings(config, phase), sort_keys=True)
+def settings_of(phase, adapter=None):
+    return adapter_settings(config, adapter) if adapter else phase_settings(config, phase)
 
 
-def adapter_json(name):
-    return json.dumps(adapter_settings(config, name), sort_keys=True)
+def run_json(phase, adapter=None):
+    """A phase's run settings: a rule param, so changing one reruns that phase and the later ones."""
+    return json.dumps(run_settings(settings_of(phase, adapter)), sort_keys=True)
+
+
+def runtime_json(phase, adapter=None):
+    """A phase's runtime knobs, for a param whose function takes `resources`: Snakemake treats such
+    a param as derived and never reruns a job because it changed."""
+    return json.dumps(runtime_settings(settings_of(phase, adapter)), sort_keys=True)
 
 
 try:
@@ -123,11 +134,15 @@ def codec_config():
 def check_groups():
     """Every phase's parameter groups and LoRA targets against the model's parameter names,
     at parse time: a bad pattern in a late phase fails before the first job runs."""
+    from pipeline.model.codec import geometry
     from pipeline.model.snac48 import check_phase_groups
-    phases = {p: phase_settings(config, p) for p in ("warmup", "full")}
+    from pipeline.settings import check_segment
+    phases = {f"train.{p}": phase_settings(config, p) for p in PHASES if p != "lora"}
     phases.update({f"lora.adapters.{a}": adapter_settings(config, a) for a in ADAPTERS})
     try:
-        check_phase_groups(codec_config(), config["codec"].get("target_rate", 48000), phases)
+        check_phase_groups(codec_config(), TARGET_RATE, phases)
+        for where, s in phases.items():
+            check_segment(s, geometry(codec_config(), TARGET_RATE), where)
     except ValueError as e:
         raise WorkflowError(f"config error: {e}")
 
@@ -142,8 +157,9 @@ def final_source():
 
 
 def eval_models():
-    """name -> phase output folder, for the evaluation table."""
-    m = {"warmup": f"{PHASE_DIR}/warmup", "full": f"{PHASE_DIR}/full"}
+    """name -> phase output folder, for the evaluation table: every phase of the chain (each LoRA
+    adapter but the one merged into final.pt as lora:<name>), then final."""
+    m = {p: f"{PHASE_DIR}/{p}" for p in PHASES if p != "lora"}
     m.update({f"lora:{a}": f"{PHASE_DIR}/lora/{a}" for a in ADAPTERS if a != FINAL_ADAPTER})
     m["final"] = final_source()
     return m

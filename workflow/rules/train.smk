@@ -1,21 +1,31 @@
-# warmup (new block only) -> full (whole decoder) -> lora/<adapter> (one job per named adapter),
-# each from the previous phase's output. A phase's merged settings are its params: changing one
-# reruns that phase and, through their inputs, the later ones. Step checkpoints live in
+# The phase chain (pipeline.settings.PHASE_CHAIN): warmup (new block only) -> full (whole
+# decoder) -> lora/<adapter> (one job per named adapter), each from the previous phase's output.
+# A phase's run settings are its params: changing one reruns that phase and, through their
+# inputs, the later ones; its runtime knobs (workers, device, intervals) are a derived param
+# (a function of `resources`), which Snakemake never reruns a job for. Step checkpoints live in
 # <phase dir>/checkpoints/, NOT a declared output (Snakemake deletes declared outputs before a
 # rerun), so a killed job rerun with --rerun-incomplete resumes from its last step.
 
 
+def previous_phase_dir(phase):
+    prev = PHASE_CHAIN[phase]
+    return f"{PHASE_DIR}/{prev}" if prev else None
+
+
 def train_inputs(wc):
     d = dict(codec=codec_files(), cache=shard_paths("train"), heldout=shard_paths("heldout"))
-    prev = {"warmup": None, "full": "warmup"}.get(getattr(wc, "phase", "lora"), "full")
+    prev = previous_phase_dir(getattr(wc, "phase", "lora"))
     if prev:
-        d["init"] = f"{PHASE_DIR}/{prev}/model.safetensors"
+        d["init"] = f"{prev}/model.safetensors"
     return d
 
 
+# `trap '' TERM USR1`: on preemption SLURM signals every process of the job; the shell and tee
+# ignore it, so the trainer can finish its step, write a checkpoint and exit on its own terms.
 TRAIN_SHELL = (
-    "OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE {PY} train --phase {params.phase} --settings {params.settings:q}"
-    " --codec {params.codec:q} --cache {input.cache:q} --heldout {input.heldout:q}"
+    "trap '' TERM USR1; OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE {PY} train --phase {params.phase}"
+    " --settings {params.settings:q} --runtime {params.runtime:q} --codec {params.codec:q}"
+    " --target-rate {params.target_rate} --cache {input.cache:q} --heldout {input.heldout:q}"
     " {params.init} --out {params.out:q} 2>&1 | tee {log}"
 )
 
@@ -27,12 +37,14 @@ rule train:
         model=f"{PHASE_DIR}/{{phase}}/model.safetensors",
         config=f"{PHASE_DIR}/{{phase}}/config.json",
     wildcard_constraints:
-        phase="warmup|full",
+        phase="|".join(p for p in PHASES if p != "lora"),
     params:
         phase=lambda wc: wc.phase,
-        settings=lambda wc: phase_json(wc.phase),
+        settings=lambda wc: run_json(wc.phase),
+        runtime=lambda wc, resources: runtime_json(wc.phase),
         codec=codec_dir(),
-        init=lambda wc: f"--init {PHASE_DIR}/warmup" if wc.phase == "full" else "",
+        target_rate=TARGET_RATE,
+        init=lambda wc: f"--init {previous_phase_dir(wc.phase)}" if previous_phase_dir(wc.phase) else "",
         out=lambda wc: f"{PHASE_DIR}/{wc.phase}",
     threads: 2
     resources:
@@ -54,9 +66,11 @@ use rule train as train_lora with:
         lora=f"{PHASE_DIR}/lora/{{adapter}}/lora_weights.safetensors",
     params:
         phase="lora",
-        settings=lambda wc: adapter_json(wc.adapter),
+        settings=lambda wc: run_json("lora", wc.adapter),
+        runtime=lambda wc, resources: runtime_json("lora", wc.adapter),
         codec=codec_dir(),
-        init=lambda wc: f"--init {PHASE_DIR}/full --adapter {wc.adapter}",
+        target_rate=TARGET_RATE,
+        init=lambda wc: f"--init {previous_phase_dir('lora')} --adapter {wc.adapter}",
         out=lambda wc: f"{PHASE_DIR}/lora/{wc.adapter}",
     log:
         f"{LOGS}/train/lora-{{adapter}}.log",
