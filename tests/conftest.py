@@ -39,7 +39,7 @@ def tiny_codec(seed=7, config=TINY_24K):
     rate = config["sampling_rate"]
     from pipeline.model.codec import geometry
     n = geometry(config, 2 * rate).pad_to * 8
-    x = torch.from_numpy(np.stack([speechlike(2.0, rate, seed=s)[:n] for s in range(4)]))[:, None]
+    x = torch.from_numpy(np.stack([speechlike(max(2.0, n / rate + 0.01), rate, seed=s)[:n] for s in range(4)]))[:, None]
     with torch.no_grad():
         seen = []
         quantize_with_losses(model.quantizer, model.encoder(x), seen)

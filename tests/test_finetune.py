@@ -2,6 +2,7 @@
 path, the official-checkpoint converter, LoRA hot-swap on a loaded 48 kHz model."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import warnings
@@ -15,38 +16,74 @@ from pipeline.model import snac48 as M
 from pipeline.model.codec import convert_official, load_codec, noise_disabled, save_codec, state_digest
 from pipeline.model.lora import LoRAConfig, apply_lora, save_lora
 
-# the three SNAC families at toy width: 24 kHz (no attention, 3 codebooks), 32 kHz and 44 kHz
-# (local attention with a fused to_qkv, their own hops and strides)
+# SNAC's 32 kHz and 44 kHz families at toy width: local attention over the real window of 32
+# frames with a fused to_qkv, their own hops and strides (the 24 kHz family is TINY_24K)
 FAMILIES = {
-    "24khz": TINY_24K,
     "32khz": dict(TINY_24K, sampling_rate=32000, encoder_rates=[2, 3, 8, 8], decoder_rates=[8, 8, 3, 2],
-                  attn_window_size=4, decoder_dim=64),
-    "44khz": dict(TINY_24K, sampling_rate=44100, encoder_rates=[2, 3, 8, 8], decoder_rates=[8, 8, 3, 2],
-                  attn_window_size=4, vq_strides=[8, 4, 2, 1], decoder_dim=64),
+                  attn_window_size=32, decoder_dim=64),
+    "44khz": dict(TINY_24K, sampling_rate=44100, encoder_rates=[2, 4, 8, 8], decoder_rates=[8, 8, 4, 2],
+                  attn_window_size=32, vq_strides=[8, 4, 2, 1], decoder_dim=64),
 }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_architecture_families_load_train_and_adapt(family, tmp_path):
+def test_attention_families_train_every_phase_resume_and_evaluate(family, tmp_path, monkeypatch):
+    """Through the real loading path (official checkpoint layout -> precompute -> train each phase
+    -> resume -> evaluate): segments of whole attention windows, as SNAC's LocalMHA needs."""
+    from conftest import settings, write_audio, write_manifest
+    from pipeline.data.precompute import run_shard
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.training import train as T
     cfg = FAMILIES[family]
-    save_codec(tiny_codec(config=cfg), tmp_path, official=True)
-    codec = load_codec(tmp_path)
-    rate = cfg["sampling_rate"]
-    model = M.from_codec(codec, 2 * rate)
+    rate, target = cfg["sampling_rate"], 2 * cfg["sampling_rate"]
+    save_codec(tiny_codec(config=cfg), tmp_path / "codec", official=True)
+    for split, n in (("train", 3), ("heldout", 1)):
+        rows = [{"audio": str(write_audio(tmp_path / f"{split}{i}.wav", speechlike(1.6, target, 10 * n + i), target)),
+                 "id": f"{split}{i}"} for i in range(n)]
+        write_manifest(tmp_path / f"{split}.jsonl", rows)
+        run_shard(tmp_path / f"{split}.jsonl", 0, 1, tmp_path / "codec", tmp_path / split / "shard-000.zarr",
+                  {"target_rate": target})
+
+    def train(phase, s, init=None, **kw):
+        return T.train(phase, s, tmp_path / "codec", [tmp_path / "train/shard-000.zarr"],
+                       [tmp_path / "heldout/shard-000.zarr"], init, tmp_path / phase, target_rate=target, **kw)
+    base = settings(steps=4, segment_seconds=0.3, val_every=2, ckpt_every=2)
+    real_save = T.save
+
+    def die_at_2(t):
+        real_save(t)
+        if t.state["step"] == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(T, "save", die_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        train("warmup", base)
+    monkeypatch.setattr(T, "save", real_save)
+    state = train("warmup", base)
+    assert state["step"] == 4 and (tmp_path / "warmup/checkpoints/step_0000004").is_dir()
+    full = dict(base, groups=[{"pattern": "decoder", "trainable": True, "lr_factor": 1.0}])
+    train("full", full, tmp_path / "warmup")
+    lora = {"enabled": True, "rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["decoder.*"]}
+    for name in ("a", "b"):
+        train("lora", dict(base, lora=lora, lr=1e-2, groups=[{"pattern": "*.lora_*"}]), tmp_path / "full",
+              adapter=name)
+        (tmp_path / "lora").rename(tmp_path / f"lora_{name}")
+    model = M.load_model(tmp_path / "full")
     g = model.geometry
-    assert g.hop == int(torch.tensor(cfg["encoder_rates"]).prod()) and g.strides == tuple(cfg["vq_strides"])
-    x = torch.from_numpy(speechlike(0.6, rate, 1))[None, None]
-    with torch.no_grad(), noise_disabled(model):
-        codes = model.encode(x)
-        assert [c.shape[-1] * s for c, s in zip(codes, g.strides)] == [codes[-1].shape[-1]] * len(codes)
-        y = model.decode(codes)
-        assert y.shape[-1] == codes[-1].shape[-1] * g.hop_target
-        for c, ref in zip(codes, codec.encode(x)):       # same codes as the frozen codec
-            assert torch.equal(c, ref)
-        wrapped = apply_lora(model, LoRAConfig(rank=2, alpha=4.0, targets=["decoder.*"]))
-        if cfg["attn_window_size"]:
-            assert any(n.endswith("to_qkv") for n in wrapped)
-        assert torch.allclose(model.decode(codes), y, atol=1e-6)      # fresh adapters: no-op
+    assert g.attn_window == 32 and g.quantum == math.lcm(max(cfg["vq_strides"]), 32)
+    f = M.load_model(tmp_path / "full").state_dict()
+    w = M.load_model(tmp_path / "warmup").state_dict()
+    assert any(not torch.equal(f[k], w[k]) for k in w if k.startswith("decoder.model."))    # full trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # a second adapter on the split to_qkv: same base, no warning
+        for name in ("a", "b"):
+            loaded, skipped = model.load_lora(tmp_path / f"lora_{name}/lora_weights.safetensors")
+            assert loaded and not skipped
+    assert any(n.endswith("to_qkv.q.lora_A.a") for n, _ in model.named_parameters())
+    result = evaluate(tmp_path / "codec", [tmp_path / "heldout/shard-000.zarr"],
+                      {"warmup": tmp_path / "warmup", "full": tmp_path / "full", "lora": tmp_path / "lora_a"},
+                      tmp_path / "eval.json", {"n_ffts": [256, 512]})
+    assert set(result["models"]) == {"baseline", "warmup", "full", "lora"}
+    assert all(math.isfinite(v) for m in result["models"].values() for v in m.values())
 
 
 def test_converter_round_trip(tiny_codec_dir, tmp_path):
