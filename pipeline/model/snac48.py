@@ -174,6 +174,16 @@ def spread(conv: nn.Module, r: int) -> nn.Module:
     return wide
 
 
+def adapt_head(model: SNAC48, sd: dict) -> dict:
+    """`sd` with a pretrained k-tap head (SNAC's own, or the earlier dilated one) spread to the
+    model's wide head ((k-1)*r+1 taps): the function smart init gives it. Other keys untouched."""
+    key = f"decoder.model.{len(model.decoder.model) - 2}.parametrizations.weight.original1"
+    k, wide = (sd[key].shape[-1] if key in sd else 0), model.decoder.model[-2].kernel_size[0]
+    if 1 < k < wide and (wide - 1) % (k - 1) == 0:
+        sd = {**sd, key: spread_taps(sd[key], (wide - 1) // (k - 1))}
+    return sd
+
+
 @torch.no_grad()
 def smart_init(model: SNAC48) -> None:
     blk = model.decoder.new_block.block
@@ -287,14 +297,12 @@ def load_model(path, device="cpu") -> SNAC48:
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} model (format {cfg.get('format')!r})")
     head = cfg.get("head", {}).get("kernel_size")
-    dilation = cfg.get("new_block", {}).pop("head_dilation", None)
-    if dilation:          # saved before the head was undilated: the same function, with spread taps
-        n = max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.model."))
-        key = f"decoder.model.{n}.parametrizations.weight.original1"
-        sd[key] = spread_taps(sd[key], dilation)
-        head = sd[key].shape[-1]
+    dilation = cfg.get("new_block", {}).get("head_dilation")
+    if dilation:          # saved before the head was undilated: its 7 taps dilated, now spread
+        n = max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.model."))   # the head (tanh has none)
+        head = (sd[f"decoder.model.{n}.parametrizations.weight.original1"].shape[-1] - 1) * dilation + 1
     model = SNAC48(cfg["codec"], cfg["target_rate"], head)
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(adapt_head(model, sd), strict=True)
     model.eval()
     for part in model.frozen_parts():
         freeze(part)
