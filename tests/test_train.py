@@ -50,8 +50,15 @@ def test_smart_init_really_changes_the_new_block():
     # pretrained parts are the codec's, bit for bit
     for part, ref in ((smart.encoder, codec.encoder), (smart.quantizer, codec.quantizer)):
         assert state_digest(part.state_dict()) == state_digest(ref.state_dict())
-    head = smart.decoder.model[-2]
-    assert head.dilation == (2,) and torch.equal(head.weight, codec.decoder.model[-2].weight)
+    # the head: smart widens the pretrained 7 taps to 13 with zeros between them (same norm g, same
+    # bias); random keeps SNAC's own head, undilated
+    head, pre = smart.decoder.model[-2], codec.decoder.model[-2]
+    assert head.dilation == (1,) and head.kernel_size == (13,) and smart.config["head"] == {"kernel_size": 13}
+    wn, pre_wn = head.parametrizations.weight, pre.parametrizations.weight
+    assert torch.equal(wn.original0, pre_wn.original0) and torch.equal(head.bias, pre.bias)
+    assert torch.equal(wn.original1[..., ::2], pre_wn.original1) and not wn.original1[..., 1::2].any()
+    plain = rand.decoder.model[-2]
+    assert plain.dilation == (1,) and plain.kernel_size == (7,) and torch.equal(plain.weight, pre.weight)
 
 
 def test_in_place_write_into_weight_norm_does_nothing():
@@ -63,10 +70,95 @@ def test_in_place_write_into_weight_norm_does_nothing():
     assert torch.equal(up.weight, before)
 
 
+def dilated_head(codec, r):
+    """The pretrained head dilated by r: what smart init used before its taps were spread."""
+    import copy
+    head = copy.deepcopy(codec.decoder.model[-2])
+    head.dilation, head.padding = (r,), (r * (head.kernel_size[0] - 1) // 2,)
+    return head
+
+
+def test_smart_init_head_is_the_dilated_head_at_step_0():
+    import copy
+    codec = tiny_codec()
+    smart = M.from_codec(codec, 48000, "smart")
+    old = copy.deepcopy(smart)
+    old.decoder.model[-2] = dilated_head(codec, 2)
+    codes = [torch.randint(0, 64, (2, 8 * 4 // s)) for s in smart.geometry.strides]
+    with torch.no_grad(), noise_disabled(smart), noise_disabled(old):
+        torch.testing.assert_close(smart.decode(codes), old.decode(codes), rtol=0, atol=1e-7)
+
+
+def test_smart_init_head_can_shape_the_new_band():
+    """A conv dilated by r has a magnitude response periodic in codec_rate and so mirrored about
+    the codec Nyquist: |H(f)| = |H(codec_rate - f)|; the 13-tap head starts so and is free after a
+    few steps toward a target with energy only in the new band (codec Nyquist .. target Nyquist)."""
+    from pipeline.model.snac48 import spread_taps
+    codec = tiny_codec()
+    model = M.from_codec(codec, 48000, "smart")
+    g, r = model.geometry, model.decoder.factor
+    codes = [torch.randint(0, 64, (2, 8 * 4 // s)) for s in g.strides]
+    with torch.no_grad(), noise_disabled(model):           # the features the head sees
+        x = model.quantizer.from_codes(codes)
+        for layer in [*model.decoder.model[:-3], model.decoder.new_block, model.decoder.model[-3]]:
+            x = layer(x)
+    f = torch.fft.rfftfreq(x.shape[-1], 1 / g.target_rate)
+    target = torch.fft.irfft(torch.fft.rfft(x.sum(1, keepdim=True)) * (f > g.codec_rate / 2), n=x.shape[-1])
+    n = 64 * r                                              # response bins: k and its mirror n/r - k
+    k = torch.arange(1, n // (2 * r))
+
+    def asymmetry_db(conv):
+        taps = spread_taps(conv.weight.detach()[0], conv.dilation[0])     # (channels, effective taps)
+        h = 20 * torch.log10(torch.fft.rfft(taps, n=n).abs() + 1e-9)
+        return float((h[:, k] - h[:, n // r - k]).abs().max())
+
+    heads = {"wide": model.decoder.model[-2], "dilated": dilated_head(codec, r)}
+    assert all(asymmetry_db(h) < 1e-3 for h in heads.values())
+    for h in heads.values():
+        opt = torch.optim.Adam(h.parameters(), lr=1e-2)
+        for _ in range(30):
+            opt.zero_grad()
+            (h(x) - target).square().mean().backward()
+            opt.step()
+    assert asymmetry_db(heads["wide"]) > 6 and asymmetry_db(heads["dilated"]) < 1e-3
+
+
+def test_smart_init_head_geometry_survives_save_and_load(tmp_path):
+    """config.json records the head's taps; a model saved with the old dilated head (config
+    `head_dilation`, 7 taps) loads as the same function with spread taps."""
+    codec = tiny_codec()
+    codes = [torch.randint(0, 64, (1, 8 * 4 // s)) for s in (4, 2, 1)]
+    for init, taps in (("smart", 13), ("random", 7)):
+        m = M.from_codec(codec, 48000, init)
+        M.save_model(m, tmp_path / init)
+        back = M.load_model(tmp_path / init)
+        assert back.decoder.model[-2].kernel_size == (taps,) and back.config["head"] == {"kernel_size": taps}
+    from safetensors.torch import load_file, save_file
+    old = tmp_path / "old"
+    M.save_model(M.load_model(tmp_path / "smart"), old)
+    cfg = json.loads((old / "config.json").read_text())
+    cfg["new_block"]["head_dilation"] = 2
+    del cfg["head"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(old / "model.safetensors")
+    key = next(k for k in sd if k.endswith("original1") and sd[k].shape[-1] == 13)
+    sd[key] = sd[key][..., ::2].contiguous()
+    save_file(sd, old / "model.safetensors")
+    with noise_disabled(back := M.load_model(tmp_path / "smart")), noise_disabled(conv := M.load_model(old)):
+        assert conv.config["head"] == {"kernel_size": 13}
+        assert torch.equal(back.decode(codes), conv.decode(codes))
+    # a 24 kHz SNAC's weights (its 7-tap head) fit the smart model as smart init would place them
+    smart = M.from_codec(codec, 48000, "smart")
+    sd = M.adapt_head(smart, codec.state_dict())
+    own = smart.state_dict()
+    assert all(torch.equal(sd[k], own[k]) for k in sd) and M.adapt_head(back, own) is own
+
+
 @torch.no_grad()
 def test_smart_init_starts_at_the_upsampled_24k_output():
     """Measure: SNR of the 48 kHz output against the soxr upsampling of the 24 kHz decode
-    (noise off). Bound: smart >= 6 dB on every clip, random <= 0 dB."""
+    (noise off). Tiny random codec: smart 7.0 dB, random -9.9 dB on each clip (the demo codec:
+    see snac48.py). Bound: smart >= 6 dB on every clip, random <= 0 dB."""
     from conftest import speechlike
     codec = tiny_codec()
     smart, rand = M.from_codec(codec, 48000, "smart"), M.from_codec(codec, 48000, "random")
@@ -161,8 +253,10 @@ def test_phases_chain_encoder_frozen_lora_merged(small_cache, tmp_path):
     ref = codec.state_dict()
     for sd in (w, f, lw):   # encoder and quantizer bit-identical in every phase output
         assert all(torch.equal(sd[k], ref[k]) for k in ref if k.startswith(("encoder.", "quantizer.")))
-    # warmup trains only the new block; full moves the rest of the decoder
-    assert all(torch.equal(w[k], ref[k]) for k in ref if k.startswith("decoder."))
+    # warmup trains only the new block (the rest is the codec's, head widened by smart init);
+    # full moves the rest of the decoder
+    init = M.from_codec(codec, 48000).state_dict()
+    assert all(torch.equal(w[k], init[k]) for k in init if k.startswith("decoder.model."))
     assert any(not torch.equal(f[k], w[k]) for k in w if k.startswith("decoder.model."))
     # lora: adapter tensors only, metadata, merged weights differ from the base
     from safetensors import safe_open
@@ -249,7 +343,7 @@ def test_preflight_stops_before_training(small_cache, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
     run(small_cache, "warmup", settings(steps=2, val_every=2), tmp_path)
     report = json.loads((tmp_path / "preflight.json").read_text())
-    assert report["ok"] and {"cache fingerprint = codec's", "trainable parameters", "sample rates",
+    assert report["ok"] and {"cache = codec's, at codec.target_rate", "trainable parameters", "resume",
                              "device / precision", "schedule"} <= {i["item"] for i in report["items"]}
 
 

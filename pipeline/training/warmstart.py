@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..model.codec import state_digest
-from ..model.snac48 import FROZEN_FOREVER, matches
+from ..model.snac48 import FROZEN_FOREVER, adapt_head, matches
 from ..ui import console
 
 
@@ -34,7 +34,7 @@ def warm_start(model, path, groups, pf) -> str:
     codec's, and missing trained keys that no init covers (only the new block's come from
     `init`). Returns the digest of the weights read (part of the run's identity)."""
     from rich.table import Table
-    sd, own = read_weights(path), model.state_dict()
+    sd, own = adapt_head(model, read_weights(path)), model.state_dict()
     mismatched = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
     unexpected = sorted(k for k in sd if k not in own)
     missing = sorted(k for k in own if k not in sd)
