@@ -101,6 +101,24 @@ def test_finished_run_asked_again_trains_from_step_0(small_cache, tmp_path, tmp_
     assert steps == sorted(set(steps)) and steps[-1] == 8
 
 
+def test_adversarial_phase_resumes_exactly(small_cache, tmp_path, monkeypatch):
+    """Discriminator weights, optimizer and scheduler are in every step checkpoint: killed at step
+    4 (the discriminators joined at step 3) and resumed, the run ends where an uninterrupted one
+    does, generator and discriminators alike; every adversarial term is logged."""
+    s = settings(adversarial={"enabled": True, "start_step": 2, "periods": [2], "period_channels": [4, 8],
+                              "stft_n_ffts": [256], "stft_channels": 4})
+    run(small_cache, "warmup", s, tmp_path / "straight")
+    killed_at(small_cache, tmp_path / "killed", s, 4, monkeypatch)
+    run(small_cache, "warmup", s, tmp_path / "killed")
+    assert same_weights(weights(tmp_path / "killed"), weights(tmp_path / "straight"))
+    a, b = (C.read(d / "checkpoints/step_0000008").parts["adversarial"] for d in (tmp_path / "straight", tmp_path / "killed"))
+    assert same_weights(a["discriminator"], b["discriminator"]) and a["scheduler"] == b["scheduler"]
+    records = [json.loads(l) for l in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
+    assert "train/adv/d_loss" not in records[0] and records[0]["step"] == 2
+    assert {"train/adv/d_loss", "train/adv/g_adversarial", "train/adv/g_feature_matching",
+            "train/adv/d_new_band"} <= set(records[-1])
+
+
 # ---- non-finite steps -------------------------------------------------------------------------
 class InfGrad(torch.autograd.Function):
     """Identity forward, non-finite gradient backward: a finite loss with non-finite gradients."""

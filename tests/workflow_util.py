@@ -28,6 +28,7 @@ train:
   defaults: {steps: 6, batch_size: 2, segment_seconds: 0.25, warmup_steps: 1, val_every: 3,
              val_batches: 1, ckpt_every: 2, keep_best: 1, log_every: 2, n_ffts: [256, 512],
              n_mels: 40, num_workers: 0}
+  full: {adversarial: {start_step: 3}}      # the demo's discriminators join for the last 3 steps
 eval: {n_ffts: [256, 512]}
 """
 N_TRAIN, N_HELDOUT, N_SHARDS, STEPS = 12, 3, 3, 6

@@ -34,6 +34,7 @@ from ..model.snac48 import from_codec, load_model, param_groups, save_model
 from ..settings import check_segment, complete, run_settings, segment_frames
 from ..ui import console, progress
 from . import checkpoint
+from .discriminators import Adversarial
 from .guards import PhaseLock, StopRequest, Stopped, ignore_stop_signals
 from .losses import ReconstructionLoss
 from .preflight import Preflight
@@ -84,6 +85,7 @@ class Trainer:
     start_weights: str
     state: dict
     lora: tuple | None = None    # (LoRAConfig, adapter name, base digest)
+    adv: object = None           # Adversarial (discriminators, their optimizer) when enabled
     batches: object = None       # iterator over (codes, target, mask) micro-batches
     tb: object = None
     timer: dict = field(default_factory=lambda: {"t0": time.time(), "segments": 0})
@@ -171,6 +173,13 @@ def setup(phase, s, codec_dir, target_rate, cache_paths, heldout_paths, init_dir
               else "fp32") + ("; activation checkpointing" if s["activation_checkpointing"] else "")
            + "; validation in fp32, as the evaluation")
 
+    adv = None
+    if s["adversarial"]["enabled"]:
+        a = s["adversarial"]
+        adv = Adversarial(a, geo, seed=s["seed"]).to(device)
+        pf.add("adversarial", True, f"{a['loss']} from step {a['start_step'] + 1}: periods {a['periods']}, STFT sizes "
+               f"{a['stft_n_ffts']} ({sum(p.numel() for p in adv.params):,} parameters); lambdas {a['lambdas']}")
+
     # optimizer, schedule, loss
     opt = torch.optim.AdamW(groups, lr=s["lr"], betas=tuple(s["betas"]), weight_decay=s["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s))
@@ -180,7 +189,7 @@ def setup(phase, s, codec_dir, target_rate, cache_paths, heldout_paths, init_dir
     run = hashlib.sha256(json.dumps([phase, run_settings(s), start_weights, fp, [_digest(sh) for sh in shards]],
                                     sort_keys=True).encode()).hexdigest()[:16]
     t = Trainer(phase, s, out, device, geo.target_rate, model, [p for g in groups for p in g["params"]], opt, sched,
-                loss_fn, val, run, start_weights, state=new_state(run, phase), lora=lora)
+                loss_fn, val, run, start_weights, state=new_state(run, phase), lora=lora, adv=adv)
 
     resume(t, resume_from, pf)
     pf.finish()
@@ -225,6 +234,8 @@ def resume(t: Trainer, resume_from, pf: Preflight) -> None:
     t.model.load_state_dict(ck.weights, strict=True)
     t.opt.load_state_dict(ck.parts["optimizer"])
     t.sched.load_state_dict(ck.parts["scheduler"])
+    if t.adv:
+        t.adv.load_state_dict(ck.parts["adversarial"])
     torch.set_rng_state(ck.parts["rng"]["torch"])
     if "cuda" in ck.parts["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ck.parts["rng"]["cuda"])
@@ -245,7 +256,12 @@ def train_step(t: Trainer, step: int) -> dict:
         codes, target, mask = _triple(next(t.batches))
         codes, target = [c.to(t.device) for c in codes], target.to(t.device)
         mask = mask.to(t.device) if mask is not None else None
-        loss, terms = _loss(t.loss_fn, t.model.decode(codes), target, mask)
+        pred = t.model.decode(codes)
+        loss, terms = _loss(t.loss_fn, pred, target, mask)
+        if t.adv and t.adv.active(step):        # the discriminators learn on every micro-batch
+            terms.update(t.adv.discriminator_step(target, pred, mask))
+            g, g_terms = t.adv.generator_loss(target, pred, mask)
+            loss, terms = loss + g, {**terms, **g_terms}
         seconds += float(mask.sum() if mask is not None else target.numel()) / t.rate
         if not torch.isfinite(loss):
             finite = False
@@ -320,6 +336,8 @@ def save(t: Trainer) -> None:
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     parts = {"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "rng": rng}
+    if t.adv:
+        parts["adversarial"] = t.adv.state_dict()
     checkpoint.save(t.ckdir, t.state["step"], t.model.state_dict(), parts, t.state)
     checkpoint.prune(t.ckdir, {t.state["step"]} | {step for _, step in t.state["best"]})
 
