@@ -328,74 +328,80 @@ def test_bad_group_pattern_in_a_late_phase_fails_before_any_job(code_tree):
     assert "'*.lroa_*' matches no parameter" in r.out and "lora.adapters.default" in r.out, r.out[-3000:]
 
 
-# ---- 5. resume after SIGKILL ----------------------------------------------------------------
-RESUME_YAML = "train: {warmup: {steps: 40, ckpt_every: 4, val_every: 20}}\n"
-WARMUP = "results/phase11/warmup/model.safetensors"
+# ---- 5. a killed phase, runtime knobs, a forced rerun -------------------------------------
+RESUME_YAML = "train: {full: {steps: 24, ckpt_every: 4, val_every: 12}}\n"
+KNOBS_YAML = "train: {defaults: {num_workers: 1, log_every: 1}}\n"      # runtime knobs only
+FULL = "results/phase11/full/model.safetensors"
 
 
 def _step_dirs(ck: Path) -> list:
     return sorted(int(d.name[5:]) for d in ck.glob("step_*")) if ck.is_dir() else []
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(built, tmp_path):
-    root = clone_tree(built[0], tmp_path / "resume")
-    shutil.rmtree(root / "results/phase11")
-    (root / "resume.yaml").write_text(RESUME_YAML)
-    cfgs = ("fast.yaml", "resume.yaml")
-    # only the warmup phase is affected by the override: no precompute job reruns
-    assert exactly_once(dry_run(root, [WARMUP], cfgs).keys()) == {("train", "phase=warmup")}
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
-    ck = root / "results/phase11/warmup/checkpoints"
+
+def test_killed_phase_resumes_under_new_runtime_knobs_and_forcerun_retrains(built, tmp_path):
+    """Snakemake is SIGKILLed while `full` trains: the trainer does not outlive it (it writes a
+    checkpoint and exits); after --unlock, a rerun with other runtime knobs (num_workers,
+    log_every) and --rerun-incomplete resumes from that checkpoint, reruns nothing else, and ends
+    with the weights of the same phase run again from step 0 by --forcerun."""
+    root = clone_tree(built[0], tmp_path / "resume")
+    (root / "resume.yaml").write_text(RESUME_YAML)
+    (root / "knobs.yaml").write_text(KNOBS_YAML)
+    cfgs = ("fast.yaml", "resume.yaml")
+    assert not dry_run(root, [FULL], ("fast.yaml", "knobs.yaml")).jobs      # knobs alone rerun nothing
+    assert exactly_once(dry_run(root, [FULL], cfgs).keys()) == {("train", "phase=full")}
+
+    ck = root / "results/phase11/full/checkpoints"
     with open(tmp_path / "killed.out", "w") as log:
-        p = subprocess.Popen(snakemake_cmd([WARMUP], cfgs), cwd=root, env=run_env(),
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(snakemake_cmd([FULL], cfgs), cwd=root, env=run_env(), stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 400
             while not (_step_dirs(ck) and _step_dirs(ck)[-1] >= 8):
                 assert p.poll() is None, "the run ended before it could be killed: raise steps"
                 assert time.monotonic() < deadline, "no step checkpoint >= 8 in time"
                 time.sleep(0.02)
-            os.killpg(p.pid, signal.SIGKILL)
-        finally:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+            trainer = int(re.search(r"pid (\d+)", (ck.parent / ".lock").read_text())[1])
+            p.kill()                               # Snakemake alone: its job is orphaned
             p.wait(timeout=60)
+            assert _wait_gone(trainer, 90), "the trainer outlived the Snakemake that started it"
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     newest = _step_dirs(ck)[-1]
-    assert 8 <= newest < 40 and not (root / WARMUP).exists()
+    assert 8 <= newest < 24 and not (root / FULL).exists()
 
-    # SIGKILL of Snakemake itself leaves its lock behind: a user has to --unlock first
-    r = snakemake(root, [WARMUP], cfgs, ("--unlock",))
+    r = snakemake(root, [FULL], cfgs, ("--unlock",))
     assert r.rc == 0, r.out[-3000:]
-    r = snakemake(root, [WARMUP], cfgs, ("--rerun-incomplete",), timeout=600)
+    r = snakemake(root, [FULL], (*cfgs, "knobs.yaml"), ("--rerun-incomplete",), timeout=600)
     assert r.rc == 0, r.out[-4000:]
-    log = (root / "results/logs/train/warmup.log").read_text()
-    m = re.search(r"resuming\s+warmup\s+from\s+(\S+)\s+\(step\s+(\d+)\s+of\s+(\d+)\)", log)
-    assert m, log
-    assert m.group(1).endswith(f"step_{newest:07d}") and int(m.group(2)) == newest > 0
-    assert int(m.group(3)) == 40
+    assert exactly_once(r.keys()) == {("train", "phase=full")}
+    log = (root / "results/logs/train/full.log").read_text()
+    m = re.search(r"resuming\s+full\s+from\s+(\S+)\s+\(step\s+(\d+)\s+of\s+(\d+)\)", log)
+    assert m, log[-3000:]
+    assert m.group(1).endswith(f"step_{newest:07d}") and int(m.group(2)) == newest and int(m.group(3)) == 24
+    steps = [json.loads(l)["step"] for l in (root / "results/phase11/full/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 24           # none twice
+    assert list(range(newest + 1, 25)) == [s for s in steps if s > newest]   # log_every 1 took effect
+    resumed = load_file(root / FULL)
 
-    metrics = root / "results/phase11/warmup/metrics.jsonl"
-    resumed_records = [json.loads(l) for l in metrics.read_text().splitlines()]
-    steps = [r["step"] for r in resumed_records]
-    assert len(steps) == len(set(steps)), f"duplicate steps in metrics.jsonl: {steps}"
-    assert steps == list(range(2, 41, 2)), steps          # log_every 2: none lost, none twice
-
-    # the same phase, uninterrupted, in the same tree
-    resumed = tmp_path / "resumed.safetensors"
-    shutil.move(root / WARMUP, resumed)
-    shutil.rmtree(ck)
-    r = snakemake(root, [WARMUP], cfgs, ("--forcerun", "train"), timeout=600)
+    # forced: the finished run trains again from step 0 and ends with the same weights
+    r = snakemake(root, [FULL], cfgs, ("--forcerun", FULL), timeout=600)
     assert r.rc == 0, r.out[-4000:]
-    assert "resuming" not in (root / "results/logs/train/warmup.log").read_text()
-    a, b = load_file(resumed), load_file(root / WARMUP)
-    assert set(a) == set(b)
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, different
-    fresh_records = [json.loads(l) for l in metrics.read_text().splitlines()]
-    assert [r["step"] for r in fresh_records] == steps
-    for x, y in zip(resumed_records, fresh_records):
-        for key in ("lr", "train/loss", "val/loss", "grad_norm"):
-            assert x.get(key) == y.get(key), (x["step"], key)
+    log = (root / "results/logs/train/full.log").read_text()
+    assert "resuming" not in log and "forced rerun" in log, log[-3000:]
+    again = load_file(root / FULL)
+    assert set(again) == set(resumed) and all(torch.equal(again[k], resumed[k]) for k in again)
 
 
 def test_final_pt_merges_the_named_adapter_or_none(built):
