@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     c.add_argument("--seconds", type=float, default=20.0, help="audio seconds per measurement")
 
     a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _run(a) or 0
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -135,9 +136,14 @@ def _run(a) -> int | None:
         r = convert_official(a.src, a.dst)
         print(f"converted {r['tensors']} tensors, verified one by one (sha256 {r['digest'][:12]}) -> {r['out']}")
     elif a.command == "train":
+        from .training.distributed import launch_command
         from .training.guards import Stopped
         from .training.train import train
         s = {**a.settings, **a.runtime}
+        launch = launch_command(a.argv, s.get("nproc_per_node", 1), s.get("nnodes", 1))
+        if launch:                       # this phase runs as several processes: torchrun starts them
+            import subprocess
+            return subprocess.call(launch)
         if a.init_checkpoint:
             s["init_checkpoint"] = a.init_checkpoint
         if a.no_resume:

@@ -163,6 +163,7 @@ class Adversarial:
             torch.manual_seed(seed)
             self.discriminator = Discriminators(s, geometry)
         self.params = list(self.discriminator.parameters())
+        self.sync = None        # with several processes: averages the discriminators' gradients
         self.opt = torch.optim.AdamW(self.params, lr=s["lr"], betas=tuple(s["betas"]), weight_decay=s["weight_decay"])
         self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, s["lr_decay"])
 
@@ -191,6 +192,8 @@ class Adversarial:
             new = [d_loss(self.kind, r, f) for r, f in zip(self._new_band(out_r), self._new_band(out_f))]
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            if self.sync:
+                self.sync(self.params)
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.s["grad_clip"] or math.inf)
             if torch.isfinite(norm):            # a non-finite step would poison the discriminators
                 self.opt.step()

@@ -14,8 +14,8 @@ class PreflightFailed(RuntimeError):
 
 
 class Preflight:
-    def __init__(self, path: Path, phase: str):
-        self.path, self.phase, self.items = Path(path), phase, []
+    def __init__(self, path: Path, phase: str, write: bool = True):
+        self.path, self.phase, self.items, self.write = Path(path), phase, [], write
 
     def add(self, item: str, ok: bool, detail: str) -> bool:
         self.items.append({"item": item, "ok": bool(ok), "detail": detail})
@@ -35,6 +35,7 @@ class Preflight:
             t.add_row("[green]ok" if it["ok"] else "[bold red]FAIL", it["item"], it["detail"])
         console.print(t)
         failed = [it for it in self.items if not it["ok"]]
-        dump_json({"phase": self.phase, "ok": not failed, "items": self.items}, self.path)
+        if self.write:
+            dump_json({"phase": self.phase, "ok": not failed, "items": self.items}, self.path)
         if failed:
             raise PreflightFailed("preflight failed: " + "; ".join(f"{it['item']}: {it['detail']}" for it in failed))

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +29,11 @@ from rich.progress import TextColumn
 
 from ..data.cache import CACHE_FORMAT, CacheError
 from ..data.segments import SegmentBatches, build_pool, collate, fixed_segments, open_training_cache
-from ..model.codec import fingerprint, load_codec, noise_disabled, pick_device, state_digest
+from ..model.codec import fingerprint, load_codec, noise_disabled, state_digest
 from ..model.snac48 import from_codec, load_model, param_groups, save_model
 from ..settings import check_segment, complete, run_settings, segment_frames
 from ..ui import console, progress
-from . import checkpoint
+from . import checkpoint, distributed
 from .discriminators import Adversarial
 from .guards import PhaseLock, StopRequest, Stopped, ignore_stop_signals
 from .losses import ReconstructionLoss
@@ -49,23 +49,31 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, *,
     resume_from: a step checkpoint of this same run; adapter: the LoRA adapter's name."""
     s = complete(s, f"train.{phase}")
     out = Path(out_dir)
-    with PhaseLock(out), StopRequest() as stop:
-        t = setup(phase, s, codec_dir, target_rate, cache_paths, heldout_paths, init_dir, out, resume_from, adapter)
-        with progress(TextColumn("{task.fields[info]}")) as bar:
-            task = bar.add_task(phase, total=s["steps"], completed=t.state["step"], info="")
-            for step in range(t.state["step"] + 1, s["steps"] + 1):
-                record = train_step(t, step)
-                due_val = step % s["val_every"] == 0 or step == s["steps"]
-                if due_val:
-                    record["val/loss"] = validate(t)
-                    t.state["best"] = sorted(t.state["best"] + [[record["val/loss"], step]])[: s["keep_best"]]
-                log(t, record, bar, task)
-                if due_val or step % s["ckpt_every"] == 0 or stop.requested:
-                    save(t)
-                if stop.requested:
-                    raise Stopped(f"{phase} stopped at step {step} ({stop.requested}); checkpoint written to "
-                                  f"{checkpoint.step_dir(t.ckdir, step)}: rerun to resume", stop.code)
-        return finish(t)
+    group, device = distributed.init(s["device"])
+    console.quiet = not group.main                 # rank 0 speaks and writes for all
+    try:
+        with PhaseLock(out) if group.main else nullcontext(), StopRequest() as stop:
+            t = setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_paths, init_dir, out,
+                      resume_from, adapter)
+            with progress(TextColumn("{task.fields[info]}")) as bar:
+                task = bar.add_task(phase, total=s["steps"], completed=t.state["step"], info="")
+                for step in range(t.state["step"] + 1, s["steps"] + 1):
+                    record = train_step(t, step)
+                    stopping = group.sum([bool(stop.requested)])[0] > 0     # any rank asked: all stop here
+                    due_val = step % s["val_every"] == 0 or step == s["steps"]
+                    if due_val:
+                        record["val/loss"] = validate(t)
+                        t.state["best"] = sorted(t.state["best"] + [[record["val/loss"], step]])[: s["keep_best"]]
+                    log(t, record, bar, task)
+                    if due_val or step % s["ckpt_every"] == 0 or stopping:
+                        save(t)
+                    if stopping:
+                        raise Stopped(f"{phase} stopped at step {step} ({stop.requested or 'another rank stopped'});"
+                                      f" checkpoint written to {checkpoint.step_dir(t.ckdir, step)}: rerun to resume",
+                                      stop.code or 1)
+            return finish(t)
+    finally:
+        distributed.close(group)
 
 
 @dataclass
@@ -73,6 +81,7 @@ class Trainer:
     phase: str
     s: dict
     out: Path
+    group: distributed.Group
     device: torch.device
     rate: int                    # target sample rate
     model: torch.nn.Module
@@ -80,6 +89,7 @@ class Trainer:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     loss_fn: torch.nn.Module
+    decoder: torch.nn.Module     # model.decoder, wrapped in DistributedDataParallel with several processes
     val: list                    # fixed held-out segments
     run: str
     start_weights: str
@@ -96,15 +106,15 @@ class Trainer:
 
 
 # ---- setup --------------------------------------------------------------------------------------
-def setup(phase, s, codec_dir, target_rate, cache_paths, heldout_paths, init_dir, out, resume_from, adapter) -> Trainer:
+def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_paths, init_dir, out, resume_from,
+          adapter) -> Trainer:
     out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(s["device"])
     if s["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(s["seed"])
-    pf = Preflight(out / "preflight.json", phase)
+    pf = Preflight(out / "preflight.json", phase, write=group.main)
 
     # data: the cache must be the one this codec built, at the configured target rate
     codec = load_codec(codec_dir)
@@ -134,6 +144,10 @@ def setup(phase, s, codec_dir, target_rate, cache_paths, heldout_paths, init_dir
             f"manifest {k}: weight {w:g}, {n} utterances" for k, (w, n) in enumerate(zip(s["source_weights"], per))))
     val = fixed_segments(heldout, n_frames, s["val_batches"] * s["batch_size"])
     pf.add("validation segments", len(val) > 0, f"{len(val)} from the held-out cache")
+    pf.add("processes", s["batch_size"] % group.world == 0,
+           f"{group.world} (batch {s['batch_size']}: {s['batch_size'] // group.world} segments per process)"
+           if s["batch_size"] % group.world == 0 else
+           f"batch_size {s['batch_size']} does not split over {group.world} processes (nproc_per_node x nnodes)")
 
     # model: the codec with a new block, or the previous phase's output; what trains
     if init_dir:
@@ -165,6 +179,9 @@ def setup(phase, s, codec_dir, target_rate, cache_paths, heldout_paths, init_dir
            "; ".join(f"{c['pattern']}: {c['params']:,}" + (f" x{c['lr_factor']:g} lr" if c["trainable"] else " frozen")
                      for c in counts))
     model.to(device)
+    decoder = model.decoder
+    if group.world > 1:
+        decoder = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=[device] if device.type == "cuda" else None)
     low = s["precision"] == "bf16" and device.type == "cuda"
     model.decoder.bf16_layers = model.decoder.bf16_split() if low else 0
     model.decoder.checkpointing = s["activation_checkpointing"]
@@ -177,6 +194,7 @@ def setup(phase, s, codec_dir, target_rate, cache_paths, heldout_paths, init_dir
     if s["adversarial"]["enabled"]:
         a = s["adversarial"]
         adv = Adversarial(a, geo, seed=s["seed"]).to(device)
+        adv.sync = group.average_grads
         pf.add("adversarial", True, f"{a['loss']} from step {a['start_step'] + 1}: periods {a['periods']}, STFT sizes "
                f"{a['stft_n_ffts']} ({sum(p.numel() for p in adv.params):,} parameters); lambdas {a['lambdas']}")
 
@@ -188,21 +206,22 @@ def setup(phase, s, codec_dir, target_rate, cache_paths, heldout_paths, init_dir
     loss_fn = ReconstructionLoss(geo.target_rate, s["lambdas"], n_ffts=s["n_ffts"], n_mels=s["n_mels"]).to(device)
     run = hashlib.sha256(json.dumps([phase, run_settings(s), start_weights, fp, [_digest(sh) for sh in shards]],
                                     sort_keys=True).encode()).hexdigest()[:16]
-    t = Trainer(phase, s, out, device, geo.target_rate, model, [p for g in groups for p in g["params"]], opt, sched,
-                loss_fn, val, run, start_weights, state=new_state(run, phase), lora=lora, adv=adv)
+    t = Trainer(phase, s, out, group, device, geo.target_rate, model, [p for g in groups for p in g["params"]], opt,
+                sched, loss_fn, decoder, val, run, start_weights, state=new_state(run, phase), lora=lora, adv=adv)
 
     resume(t, resume_from, pf)
     pf.finish()
     batches = SegmentBatches(shards, pool, n_frames, s["batch_size"], s["seed"], s["steps"] * s["grad_accum"],
-                             s["source_weights"])
+                             s["source_weights"], **({"share": (group.rank, group.world)} if group.world > 1 else {}))
     t.batches = iter(torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(t.state["step"] * s["grad_accum"], len(batches))),
         batch_size=None, num_workers=s["num_workers"], prefetch_factor=4 if s["num_workers"] else None,
         worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(s["seed"])))   # not the global RNG: resume restores that
-    from torch.utils.tensorboard import SummaryWriter
-    t.tb = SummaryWriter(out / "tensorboard", purge_step=t.state["step"] or None)
-    truncate_metrics(out / "metrics.jsonl", t.state["step"])
+    if group.main:
+        from torch.utils.tensorboard import SummaryWriter
+        t.tb = SummaryWriter(out / "tensorboard", purge_step=t.state["step"] or None)
+        truncate_metrics(out / "metrics.jsonl", t.state["step"])
     return t
 
 
@@ -219,7 +238,7 @@ def resume(t: Trainer, resume_from, pf: Preflight) -> None:
         if ck.state["run"] != t.run:
             pf.fail("resume", f"{resume_from} belongs to run {ck.state['run']}, not this one ({t.run}): settings or "
                     "inputs differ, so an exact resume is impossible; use init_checkpoint (warm restart)")
-    else:
+    elif t.group.main:
         ck = checkpoint.newest_readable(t.ckdir, t.run)
         if ck and ck.state.get("finished"):
             checkpoint.move_aside(t.ckdir, checkpoint.step_dirs(t.ckdir),
@@ -228,6 +247,10 @@ def resume(t: Trainer, resume_from, pf: Preflight) -> None:
         elif ck and not t.s["resume"]:
             checkpoint.move_aside(t.ckdir, checkpoint.step_dirs(t.ckdir), "resume is off")
             ck = None
+        t.group.broadcast(ck.path if ck else None)
+    else:                                            # the other ranks load what rank 0 chose
+        path = t.group.broadcast(None)
+        ck = checkpoint.read(path) if path else None
     if ck is None:
         pf.add("resume", True, "from step 0")
         return
@@ -252,25 +275,27 @@ def train_step(t: Trainer, step: int) -> dict:
     t.model.train()
     t.opt.zero_grad(set_to_none=True)
     sums, finite, seconds = {}, True, 0.0
-    for _ in range(s["grad_accum"]):
+    for i in range(s["grad_accum"]):
         codes, target, mask = _triple(next(t.batches))
         codes, target = [c.to(t.device) for c in codes], target.to(t.device)
         mask = mask.to(t.device) if mask is not None else None
-        pred = t.model.decode(codes)
-        loss, terms = _loss(t.loss_fn, pred, target, mask)
-        if t.adv and t.adv.active(step):        # the discriminators learn on every micro-batch
-            terms.update(t.adv.discriminator_step(target, pred, mask))
-            g, g_terms = t.adv.generator_loss(target, pred, mask)
-            loss, terms = loss + g, {**terms, **g_terms}
+        # several processes: gradients are averaged on the last micro-batch's backward only
+        with t.decoder.no_sync() if t.group.world > 1 and i < s["grad_accum"] - 1 else nullcontext():
+            pred = t.decoder(t.model.quantizer.from_codes(codes))
+            loss, terms = _loss(t.loss_fn, pred, target, mask)
+            if t.adv and t.adv.active(step):        # the discriminators learn on every micro-batch
+                terms.update(t.adv.discriminator_step(target, pred, mask))
+                g, g_terms = t.adv.generator_loss(target, pred, mask)
+                loss, terms = loss + g, {**terms, **g_terms}
+            # backward even when not finite: every process runs the same collectives, and the NaN
+            # reaches the averaged gradient norm on every process, which then skips the step
+            (loss / s["grad_accum"]).backward()
+        finite &= bool(torch.isfinite(loss))
         seconds += float(mask.sum() if mask is not None else target.numel()) / t.rate
-        if not torch.isfinite(loss):
-            finite = False
-            continue
-        (loss / s["grad_accum"]).backward()
         for k, v in {"loss": loss.detach(), **terms}.items():
             sums[k] = sums.get(k, 0.0) + float(v) / s["grad_accum"]
-    gnorm = torch.nn.utils.clip_grad_norm_(t.trainable, s["grad_clip"] or float("inf")) if finite else torch.tensor(math.nan)
-    if finite and torch.isfinite(gnorm):
+    gnorm = torch.nn.utils.clip_grad_norm_(t.trainable, s["grad_clip"] or float("inf"))
+    if torch.isfinite(gnorm):
         t.opt.step()
         st["nonfinite_run"] = 0
     else:
@@ -284,11 +309,11 @@ def train_step(t: Trainer, step: int) -> dict:
     t.sched.step()
     st["step"] = step
     st["segments_seen"] += s["batch_size"] * s["grad_accum"]
-    st["seconds_seen"] += seconds
+    st["seconds_seen"] += t.group.sum([seconds])[0]
     t.timer["segments"] += s["batch_size"] * s["grad_accum"]
     record = {"step": step, "lr": t.sched.get_last_lr()[0], "segments_seen": st["segments_seen"],
               "seconds_seen": round(st["seconds_seen"], 3), "nonfinite_total": st["nonfinite_total"]}
-    if sums and (step % s["log_every"] == 0 or step == s["steps"]):
+    if torch.isfinite(gnorm) and (step % s["log_every"] == 0 or step == s["steps"]):
         record.update({f"train/{k}": v for k, v in sums.items()}, grad_norm=float(gnorm),
                       segments_per_s=t.timer["segments"] / max(time.time() - t.timer["t0"], 1e-9))
     return record
@@ -300,18 +325,22 @@ def validate(t: Trainer) -> float:
     """Held-out loss on fixed segments, noise off, in fp32 like the evaluation (the bf16 split
     applies in training mode only)."""
     t.model.eval()
+    mine = t.val[t.group.rank::t.group.world]          # split across processes, summed below
     total, n = 0.0, 0
     with noise_disabled(t.model):
-        for i in range(0, len(t.val), t.s["batch_size"]):
-            codes, target, mask = _triple(collate(t.val[i:i + t.s["batch_size"]]))
+        for i in range(0, len(mine), t.s["batch_size"]):
+            codes, target, mask = _triple(collate(mine[i:i + t.s["batch_size"]]))
             loss, _ = _loss(t.loss_fn, t.model.decode([c.to(t.device) for c in codes]), target.to(t.device),
                             mask.to(t.device) if mask is not None else None)
             total += float(loss) * target.shape[0]
             n += target.shape[0]
+    total, n = t.group.sum([total, n])
     return total / n
 
 
 def log(t: Trainer, record: dict, bar, task) -> None:
+    if not t.group.main:
+        return
     step, s = record["step"], t.s
     bar.update(task, completed=step)
     if "train/loss" in record:
@@ -332,6 +361,8 @@ def log(t: Trainer, record: dict, bar, task) -> None:
 
 def save(t: Trainer) -> None:
     """A step checkpoint, then keep only the newest (for resume) and the keep_best best."""
+    if not t.group.main:
+        return
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -353,6 +384,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 def finish(t: Trainer) -> dict:
     """Phase outputs (model.safetensors + config.json, + lora_weights.safetensors), then the last
     checkpoint is marked finished: asked again, this run trains from step 0 (a forced rerun)."""
+    if not t.group.main:
+        return t.state
     t.tb.close()
     model = t.model.eval().cpu()
     model.decoder.bf16_layers, model.decoder.checkpointing = 0, False

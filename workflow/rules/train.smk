@@ -48,7 +48,7 @@ rule train:
         out=lambda wc: f"{PHASE_DIR}/{wc.phase}",
     threads: 2
     resources:
-        gpu=1,
+        gpu=lambda wc: settings_of(wc.phase)["nproc_per_node"],     # the processes torchrun starts
     log:
         f"{LOGS}/train/{{phase}}.log",
     benchmark:
@@ -72,6 +72,8 @@ use rule train as train_lora with:
         target_rate=TARGET_RATE,
         init=lambda wc: f"--init {previous_phase_dir('lora')} --adapter {wc.adapter}",
         out=lambda wc: f"{PHASE_DIR}/lora/{wc.adapter}",
+    resources:
+        gpu=lambda wc: settings_of("lora", wc.adapter)["nproc_per_node"],
     log:
         f"{LOGS}/train/lora-{{adapter}}.log",
     benchmark:
