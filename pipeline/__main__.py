@@ -95,7 +95,9 @@ def main(argv=None) -> int:
     c.add_argument("--device", default="auto")
 
     c = sub.add_parser("bench", help="print throughput figures")
-    c.add_argument("what", choices=["precompute", "train"])
+    c.add_argument("what", choices=["precompute", "train", "memory"])
+    c.add_argument("--configfile", nargs="+", default=["config/snac_24khz.yaml"],
+                   help="memory: the preset(s) to size, layered over config/config.yaml")
     c.add_argument("--seconds", type=float, default=20.0, help="audio seconds per measurement")
 
     a = p.parse_args(argv)
@@ -167,6 +169,9 @@ def _run(a) -> int | None:
             infer.resynth(a.model, a.input, a.output, a.device, a.lora)
         else:
             infer.decode(a.model, a.codes, a.output, a.device)
+    elif a.command == "bench" and a.what == "memory":
+        from .training.memory import report
+        report(a.configfile)
     elif a.command == "bench":
         from . import bench
         getattr(bench, a.what)(a.seconds)

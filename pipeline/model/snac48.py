@@ -56,9 +56,10 @@ BF16_BELOW = 8
 
 
 class Decoder48(nn.Module):
-    def __init__(self, decoder: nn.Module, factor: int, noise: bool, depthwise: bool, head_kernel: int | None = None):
+    def __init__(self, decoder: nn.Module, rates: list, factor: int, noise: bool, depthwise: bool,
+                 head_kernel: int | None = None):
         super().__init__()
-        self.model = decoder.model
+        self.model, self.rates = decoder.model, list(rates)
         head = self.model[-2]
         channels = head.in_channels
         self.factor = factor
@@ -92,13 +93,12 @@ class Decoder48(nn.Module):
         and the upsampling blocks whose output is still below codec_rate / BF16_BELOW. The error
         bf16 adds grows with the rate a block runs at: measured on the test codec (hop 512), bf16 up
         to the first block keeps the 48 kHz output at 51 dB SNR against fp32 (50 dB in 12-24 kHz),
-        up to the second 43 dB, over the whole pretrained decoder 28 dB (tests/test_train.py)."""
+        up to the second 43 dB, over the whole pretrained decoder 28 dB (tests/test_trainer_runs.py)."""
         blocks = [i for i, m in enumerate(self.model[:-3]) if isinstance(m, DecoderBlock)]
-        total = math.prod(m.block[1].stride[0] for m in (self.model[i] for i in blocks))
         n, rate = blocks[0], 1
-        for i in blocks:
-            rate *= self.model[i].block[1].stride[0]
-            if rate * BF16_BELOW >= total:
+        for i, r in zip(blocks, self.rates):
+            rate *= r
+            if rate * BF16_BELOW >= math.prod(self.rates):
                 break
             n = i + 1
         return n
@@ -119,7 +119,7 @@ class SNAC48(nn.Module):
         self.codec_config, self.target_rate = snac_config(base), target_rate
         self.geometry = geometry(self.codec_config, target_rate)
         self.encoder, self.quantizer = base.encoder, base.quantizer
-        self.decoder = Decoder48(base.decoder, factor, codec_config.get("noise", True),
+        self.decoder = Decoder48(base.decoder, codec_config["decoder_rates"], factor, codec_config.get("noise", True),
                                  codec_config.get("depthwise", True), head_kernel)
 
     @property
