@@ -93,10 +93,10 @@ def _rewrite_with_geometry(src, dst, hop_target):
     SNAC's 44 kHz hop 441 used for the 24 kHz model)."""
     sh = C.Shard(src)
     fp = {**sh.fingerprint, "hop_target": hop_target}
-    w = C.ShardWriter(dst, fp)
+    w = C.ShardWriter(dst, fp, sh.silence_codes, sh.index, sh.count)
     for i in range(len(sh)):
-        codes, _ = sh.utterance(i)
-        raw = np.asarray(sh._audio[sh.audio_off[i]: sh.audio_off[i] + int(sh.table["samples"][i])])
+        codes, full = sh.utterance(i)
+        raw = full[:int(sh.table["samples"][i])]
         audio = np.zeros(sh.frames(i) * hop_target, np.int16)
         n = min(len(raw), len(audio))
         audio[:n] = raw[:n]
