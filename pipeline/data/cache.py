@@ -88,6 +88,7 @@ class ShardLock:
 
     def __init__(self, shard):
         self.path = Path(str(shard) + ".lock")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -288,7 +289,7 @@ class Shard:
         self._audio = self._arrays["audio"]
         self._codes = None
         if preload:
-            self._audio = self._read("audio")
+            self._audio = self._read("audio", self.audio_off)
             for i in range(n):
                 self._verify_audio(i, self._audio[self.audio_off[i]:self.audio_off[i + 1]])
 
