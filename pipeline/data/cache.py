@@ -476,9 +476,10 @@ def _diff(a: dict, b: dict) -> str:
     return ", ".join(f"{k}={b.get(k)!r} (expected {a.get(k)!r})" for k in keys)
 
 
-def cache_info(cache_dir, check: bool = False, codec=None) -> dict:
+def cache_info(cache_dir, check: bool = False, codec=None, say=None) -> dict:
     """Shards, utterances, seconds, fingerprint, digests; with `check`, also every shard's
-    `verify()` and (given the codec) the alignment checks. `problems` lists what failed."""
+    `verify()` and (given the codec) the alignment checks. `problems` lists what failed;
+    `say(text)` hears about each shard being checked."""
     shards = open_cache(cache_dir)
     fp = shards[0].fingerprint
     out = {"cache": str(cache_dir), "fingerprint": fp, "shards": [], "utterances": 0, "seconds": 0.0,
@@ -490,8 +491,8 @@ def cache_info(cache_dir, check: bool = False, codec=None) -> dict:
         row = {"path": str(s.path), "utterances": len(s), "seconds": round(sec, 3),
                "bandlimited": int(s.table["bandlimited"].sum()), "rejects": len(s.rejects), "digest": s.digest}
         if check:
-            from ..ui import console
-            console.print(f"checking {s.path} ({len(s)} utterances)")
+            if say:
+                say(f"checking {s.path} ({len(s)} utterances)")
             problems = s.verify()
             if codec is not None and not problems:
                 from .alignment import check_shard, verdict
