@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import speechlike, write_audio, write_manifest
 
 from pipeline.__main__ import main
@@ -64,6 +65,20 @@ def test_a_chunk_gone_after_open_reads_as_the_sentinel_and_is_refused(built, tmp
     os.unlink(tmp_path / "cache" / "shard-000.zarr" / "audio" / "c" / "0")
     with pytest.raises(C.CacheError, match=f"utterance '{sh.ids[0]}': audio reads as the fill value"):
         sh.segment(0, 0, sh.geometry.quantum)
+    loader = torch.utils.data.DataLoader(_FirstSegment(sh), batch_size=None, num_workers=1)
+    with pytest.raises(C.CacheError, match=f"utterance '{sh.ids[0]}': audio reads as the fill value"):
+        next(iter(loader))                                 # in a loader worker, read through zarrs
+
+
+class _FirstSegment(torch.utils.data.Dataset):
+    def __init__(self, shard):
+        self.shard = shard
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, k):
+        return self.shard.segment(0, 0, self.shard.geometry.quantum)[1]
 
 
 def test_writer_refuses_the_missing_chunk_sentinel_and_a_stale_lock_does_not_block(built, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import speechlike, write_audio, write_manifest
 
 from pipeline.__main__ import main
@@ -72,6 +73,19 @@ def _utterance_in(shard_path, i=0):
     return C.Shard(shard_path).ids[i]
 
 
+class _Reads(torch.utils.data.Dataset):
+    """The first segment of utterance 0, read in whatever process asks."""
+
+    def __init__(self, shard):
+        self.shard = shard
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, k):
+        return self.shard.segment(0, 0, self.shard.geometry.quantum)[1]
+
+
 @pytest.mark.parametrize("how", ["whole file", "one byte"])
 def test_chunk_overwritten_with_garbage(cache, capsys, how):
     shard = cache / "shard-000.zarr"
@@ -86,6 +100,9 @@ def test_chunk_overwritten_with_garbage(cache, capsys, how):
     sh = open_training_cache([shard, cache / "shard-001.zarr"], None, preload=False)[0]
     with pytest.raises(C.CacheError, match=f"{shard}: utterance '{first}'"):
         sh.segment(0, 0, sh.geometry.quantum)                 # a training read
+    loader = torch.utils.data.DataLoader(_Reads(sh), batch_size=None, num_workers=1)
+    with pytest.raises(C.CacheError, match=f"{shard}: utterance '{first}'"):
+        next(iter(loader))                                   # the same in a loader worker (zarrs)
     with pytest.raises(C.CacheError, match=f"{shard}: utterance '{first}'"):
         sh.utterance(0)                                      # an evaluation read
     with pytest.raises(C.CacheError, match=f"{shard}: utterance '{first}'"):

@@ -61,6 +61,8 @@ TABLE = {"dataset_id": "int32", "source": "int16", "source_rate": "int32", "samp
 CHECKS = {"crc_audio": "uint32", "crc_codes": "uint32"}
 AUDIO_FILL, CODE_FILL, OFFSET_FILL = -32768, -1, -1     # values no written datum takes
 WRITE_ALL = {"write_empty_chunks": True}   # every chunk is a file, even one equal to the fill value
+# segment reads in loader workers: zarrs' Rust codec pipeline, one thread (workers are the parallelism)
+FAST_READS = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline", "threading.max_workers": 1}
 
 
 class CacheError(RuntimeError):
@@ -286,7 +288,7 @@ class Shard:
             raise CacheError(f"{self.path}: audio_offsets disagree with the codes' frames")
         for name in ("audio", *(f"codes_{i}" for i in range(len(self.strides)))):
             self._require_files(name)
-        self._audio = self._arrays["audio"]
+        self._audio, self._pid = self._arrays["audio"], os.getpid()
         self._codes = None
         if preload:
             self._audio = self._read("audio", self.audio_off)
@@ -376,12 +378,24 @@ class Shard:
         hop_t = self.geometry.hop_target
         a0 = int(self.audio_off[i]) + offset * hop_t
         try:
-            audio = np.asarray(self._audio[a0: a0 + n * hop_t])
+            audio = np.asarray(self._reader()[a0: a0 + n * hop_t])
         except Exception as e:
             raise CacheError(f"{self._where(i)}: audio unreadable ({type(e).__name__}: {e}); rebuild this shard") from None
         if (audio == AUDIO_FILL).any():
             raise CacheError(f"{self._where(i)}: audio reads as the fill value (a missing chunk); rebuild this shard")
         return codes, audio
+
+    def _reader(self):
+        """The audio for reads. In a process other than the one that opened the shard (a loader
+        worker) it is reopened through zarrs (`FAST_READS`: about twice zarr-python's random
+        segment reads here, see BENCHMARKS.md); never in the opening process, the workers'
+        parent: zarrs deadlocks in a forked child once the parent has decoded with it
+        (zarrs-python issue #171)."""
+        if self._pid != os.getpid() and not isinstance(self._audio, np.ndarray):
+            with zarr.config.set(FAST_READS):
+                self._audio = zarr.open_array(self.path / "audio", mode="r")
+            self._pid = os.getpid()
+        return self._audio
 
     def utterance(self, i: int):
         """Whole utterance i (padded length), its audio checksum verified."""

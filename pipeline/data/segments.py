@@ -155,11 +155,10 @@ def fixed_segments(shards, n_frames: int, limit: int) -> list:
 def collate(segs) -> tuple:
     """(codes, int16 audio, real samples) segments -> (codes, target, mask) tensors."""
     codes = [torch.from_numpy(np.stack([s[0][i] for s in segs])) for i in range(len(segs[0][0]))]
-    audio = np.stack([s[1] for s in segs])
-    target = torch.from_numpy(audio.astype(np.float32) / 32768.0)[:, None]
-    real = torch.tensor([s[2] for s in segs])
-    mask = (torch.arange(audio.shape[1])[None] < real[:, None])[:, None]
-    return codes, target, mask
+    audio = np.stack([s[1] for s in segs])[:, None]
+    target = np.multiply(audio, np.float32(1 / 32768), dtype=np.float32)
+    mask = np.arange(audio.shape[-1]) < np.array([s[2] for s in segs])[:, None, None]
+    return codes, torch.from_numpy(target), torch.from_numpy(mask)
 
 
 def open_training_cache(paths, expect: dict, preload="auto"):
