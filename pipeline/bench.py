@@ -5,11 +5,14 @@
                      speed), so the slowest stage shows
   bench train        random segment reads from a synthetic cache of --cache-hours (built once
                      under results/bench/, reused): loader segments/s per worker and in total for
-                     each worker count (rounds alternate; median and spread), next to the
-                     demo-size trainer's segments/s (decoder fwd/bwd + loss, the compute bound)
+                     each worker count and reader (zarr-python, zarrs), and per CPU-second of a
+                     worker (what a dedicated core sustains on a shared machine); rounds
+                     alternate, median and spread; next to the demo-size trainer's segments/s
+                     (decoder fwd/bwd + masked loss, the compute bound)
 """
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import tempfile
@@ -82,11 +85,10 @@ def synthetic_cache(hours: float, shard_hours: float = 12.5) -> Path:
     """A cache of `hours` of speech-like 48 kHz audio with random codes for the demo codec's
     geometry, 1-12 s utterances (some shorter than a 4 s segment), under results/bench/.
     Built once; complete shards of an interrupted build are kept."""
-    from .data.cache import CacheError, Shard, ShardWriter, open_cache, shard_name
+    from .data.cache import CACHE_FORMAT, CacheError, Shard, ShardWriter, open_cache, shard_name
     from .data.demo import generate_demo
     from .data.precompute import silence_codes
     from .model.codec import fingerprint
-    from .data.cache import CACHE_FORMAT
     out = BENCH_DIR / f"cache-{hours:g}h"
     count = max(1, round(hours / shard_hours))
     try:
@@ -140,8 +142,22 @@ def synthetic_cache(hours: float, shard_hours: float = 12.5) -> Path:
     return out
 
 
+def _cpu_seconds(it) -> float:
+    """CPU seconds (all threads) used so far by the loader's workers, or by this process when
+    it has none: what a worker needs per segment, whatever else shares the machine."""
+    workers = getattr(it, "_workers", None)
+    if not workers:
+        return time.process_time()
+    ticks = 0
+    for w in workers:
+        fields = Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])          # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def train(cache_hours: float = 1.0, workers=(0, 1, 2), segment_seconds: float = 4.0, batch_size: int = 8,
-          rounds: int = 3, batches: int = 40, steps: int = 3) -> None:
+          rounds: int = 3, batches: int = 40, steps: int = 2) -> None:
+    from .data import cache as C
     from .data.segments import SegmentBatches, build_pool, open_training_cache, segment_frames
     from .model.snac48 import from_codec
     from .training.losses import ReconstructionLoss
@@ -156,21 +172,26 @@ def train(cache_hours: float = 1.0, workers=(0, 1, 2), segment_seconds: float = 
                   f"segment), {sum(int(s.table['samples'].sum()) for s in shards) / geo.target_rate / 3600:.1f} h, "
                   f"{on_disk / 1e9:.1f} GB on disk; segments of {n * geo.hop_target / geo.target_rate:.2f} s, "
                   f"batch {batch_size}")
-    rates = {w: [] for w in workers}
-    for r in range(rounds):                               # rounds alternate between worker counts
-        for j, w in enumerate(workers):
-            first = (r * len(workers) + j + 1) * 100_000      # fresh batches: no read repeats a round's
+    fast = C.FAST_READS
+    paths = [(w, r) for w in workers for r in (("zarr-python", "zarrs") if w else ("zarr-python",))]
+    rates, per_cpu = {p: [] for p in paths}, {p: [] for p in paths}
+    for r in range(rounds):                               # rounds alternate between the paths
+        for j, (w, reader) in enumerate(paths):
+            first = (r * len(paths) + j + 1) * 100_000        # fresh batches: no read repeats another's
+            C.FAST_READS = fast if reader == "zarrs" else None  # as the workers fork
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(data, range(first, first + batches + max(1, w))), batch_size=None,
                 num_workers=w, prefetch_factor=2 if w else None)
             it = iter(loader)
             for _ in range(max(1, w)):                      # workers started, first batches out
                 next(it)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds(it)
             for _ in range(batches):
                 next(it)
-            rates[w].append(batches * batch_size / (time.perf_counter() - t0))
+            rates[w, reader].append(batches * batch_size / (time.perf_counter() - t0))
+            per_cpu[w, reader].append(batches * batch_size / (_cpu_seconds(it) - c0))
             del it, loader
+    C.FAST_READS = fast
     codec = build_codec(_demo_config(), 0)
     model = from_codec(codec, geo.target_rate).train()
     params = [p for p in model.decoder.parameters()]
@@ -190,13 +211,14 @@ def train(cache_hours: float = 1.0, workers=(0, 1, 2), segment_seconds: float = 
     trainer = steps * batch_size / (time.perf_counter() - t0)
     t = Table(title=f"training data: random {segment_seconds:g} s segments from zarr, {torch.get_num_threads()} "
                     f"threads, CPU (median (min-max) of {rounds} alternating rounds)")
-    for c in ("loader workers", "segments/s total", "segments/s per worker", "x trainer"):
+    for c in ("loader workers", "reads", "segments/s total", "segments/s per worker",
+              "segments per worker CPU-second", "x trainer"):
         t.add_column(c, justify="right")
-    for w, v in rates.items():
+    for (w, reader), v in rates.items():
         per = [x / max(1, w) for x in v]
-        t.add_row(str(w) + (" (main process)" if not w else ""), _spread(v), _spread(per),
-                  f"{statistics.median(v) / trainer:.0f}x")
-    t.add_row("trainer", f"{trainer:.2f}", "", "1x")
+        t.add_row(str(w) + (" (main process)" if not w else ""), reader, _spread(v), _spread(per),
+                  _spread(per_cpu[w, reader]), f"{statistics.median(v) / trainer:.0f}x")
+    t.add_row("trainer", "", f"{trainer:.2f}", "", "", "1x")
     console.print(t)
     console.print(f"trainer: demo-size decoder fwd/bwd + masked loss, batch {batch_size}, {steps} steps after one "
                   "warm-up; a GPU trainer is far faster: compare its segments/s with the loader's per worker")

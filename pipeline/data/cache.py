@@ -61,7 +61,8 @@ TABLE = {"dataset_id": "int32", "source": "int16", "source_rate": "int32", "samp
 CHECKS = {"crc_audio": "uint32", "crc_codes": "uint32"}
 AUDIO_FILL, CODE_FILL, OFFSET_FILL = -32768, -1, -1     # values no written datum takes
 WRITE_ALL = {"write_empty_chunks": True}   # every chunk is a file, even one equal to the fill value
-# segment reads in loader workers: zarrs' Rust codec pipeline, one thread (workers are the parallelism)
+# segment reads in loader workers: zarrs' Rust codec pipeline, one thread (workers are the
+# parallelism); None: zarr-python's (bench train compares the two)
 FAST_READS = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline", "threading.max_workers": 1}
 
 
@@ -176,16 +177,16 @@ class ShardWriter:
         """audio: int16 at target rate, padded to frames*hop_target; codes[i]: frames/stride_i ints."""
         frames = len(codes[-1]) * self.fp["strides"][-1]
         if len(audio) != frames * self.fp["hop_target"]:
-            raise ValueError(f"{uid}: {len(audio)} target samples for {frames} frames")
+            raise ValueError(f"{self.path}: {uid}: {len(audio)} target samples for {frames} frames")
         audio = np.asarray(audio).astype(np.int16, copy=False)
         if (audio == AUDIO_FILL).any():
-            raise ValueError(f"{uid}: audio holds {AUDIO_FILL}, the cache's missing-chunk sentinel (clip to +-32767)")
+            raise ValueError(f"{self.path}: {uid}: audio holds {AUDIO_FILL}, the cache's missing-chunk sentinel (clip to +-32767)")
         codes = [np.asarray(c).astype(self.code_dtype) for c in codes]
         for i, (c, s) in enumerate(zip(codes, self.fp["strides"])):
             if len(c) * s != frames:
-                raise ValueError(f"{uid}: codebook {i} has {len(c)} frames, expected {frames // s}")
+                raise ValueError(f"{self.path}: {uid}: codebook {i} has {len(c)} frames, expected {frames // s}")
             if len(c) and (c.min() < 0 or c.max() >= self.fp["codebook_size"]):
-                raise ValueError(f"{uid}: codebook {i} holds codes outside 0..{self.fp['codebook_size'] - 1}")
+                raise ValueError(f"{self.path}: {uid}: codebook {i} holds codes outside 0..{self.fp['codebook_size'] - 1}")
         for i, c in enumerate(codes):
             self.codes[i].add(c)
             self.code_off[i].append(self.code_off[i][-1] + len(c))
@@ -391,7 +392,7 @@ class Shard:
         segment reads here, see BENCHMARKS.md); never in the opening process, the workers'
         parent: zarrs deadlocks in a forked child once the parent has decoded with it
         (zarrs-python issue #171)."""
-        if self._pid != os.getpid() and not isinstance(self._audio, np.ndarray):
+        if FAST_READS and self._pid != os.getpid() and not isinstance(self._audio, np.ndarray):
             with zarr.config.set(FAST_READS):
                 self._audio = zarr.open_array(self.path / "audio", mode="r")
             self._pid = os.getpid()
