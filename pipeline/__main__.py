@@ -39,9 +39,13 @@ def main(argv=None) -> int:
     c.add_argument("--out-dir", required=True)
     c.add_argument("shards", nargs="+")
 
-    c = sub.add_parser("cache-info", help="shards, utterances, seconds and fingerprint of a cache")
+    c = sub.add_parser("cache-info", help="shards, utterances, seconds and fingerprint of a cache "
+                                          "(exits non-zero when it is incomplete or damaged)")
     c.add_argument("cache")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--check", action="store_true", help="verify every utterance's checksums and each "
+                   "shard's digest, and (with --codec) the alignment of codes and audio")
+    c.add_argument("--codec", default=None, help="codec folder, for --check's alignment checks")
 
     c = sub.add_parser("config-diff", help="each phase's effective settings beside a reference")
     c.add_argument("--config", nargs="+", default=["config/config.yaml"], help="config file(s), layered")
@@ -96,9 +100,13 @@ def main(argv=None) -> int:
 
     c = sub.add_parser("bench", help="print throughput figures")
     c.add_argument("what", choices=["precompute", "train", "memory"])
+    c.add_argument("--seconds", type=float, default=20.0, help="precompute: audio seconds per measurement")
+    c.add_argument("--cache-hours", type=float, default=1.0,
+                   help="train: hours of synthetic cache, built once under results/bench/ and reused")
+    c.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="train: loader worker counts to measure")
+    c.add_argument("--segment-seconds", type=float, default=4.0, help="train: segment length")
     c.add_argument("--configfile", nargs="+", default=["config/snac_24khz.yaml"],
                    help="memory: the preset(s) to size, layered over config/config.yaml")
-    c.add_argument("--seconds", type=float, default=20.0, help="audio seconds per measurement")
 
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
@@ -174,31 +182,48 @@ def _run(a) -> int | None:
         report(a.configfile)
     elif a.command == "bench":
         from . import bench
-        getattr(bench, a.what)(a.seconds)
+        if a.what == "train":
+            bench.train(a.cache_hours, a.workers, a.segment_seconds)
+        else:
+            getattr(bench, a.what)(a.seconds)
 
 
 def _cache_info(a) -> int:
     from .data.cache import CacheError, cache_info
     from .ui import console
     try:
-        info = cache_info(a.cache)
+        codec = None
+        if a.check and a.codec:
+            from .model.codec import load_codec
+            codec = load_codec(a.codec)
+        info = cache_info(a.cache, a.check, codec, None if a.json else console.print)
     except CacheError as e:
         console.print(f"[bold red]cache error:[/] {e}")
         return 2
     if a.json:
         print(json.dumps(info, indent=2))
-        return 0
-    from rich.table import Table
-    t = Table(title=f"cache {a.cache}")
-    for col in ("shard", "utterances", "seconds", "bandlimited", "rejects"):
-        t.add_column(col, justify="right")
-    for s in info["shards"]:
-        t.add_row(s["path"], str(s["utterances"]), f"{s['seconds']:.1f}", str(s["bandlimited"]),
-                  str(s["rejects"]))
-    t.add_row("[b]total", f"[b]{info['utterances']}", f"[b]{info['seconds']:.1f}", "", "")
-    console.print(t)
-    console.print_json(data=info["fingerprint"])
-    return 0
+    else:
+        from rich.table import Table
+        t = Table(title=f"cache {a.cache}")
+        cols = ("shard", "utterances", "seconds", "bandlimited", "rejects", "digest") + (("check",) if a.check else ())
+        for col in cols:
+            t.add_column(col, justify="right")
+        for s in info["shards"]:
+            t.add_row(s["path"], str(s["utterances"]), f"{s['seconds']:.1f}", str(s["bandlimited"]),
+                      str(s["rejects"]), s["digest"][:12], *(("[green]ok" if s["ok"] else "[bold red]FAIL",) if a.check else ()))
+        t.add_row("[b]total", f"[b]{info['utterances']}", f"[b]{info['seconds']:.1f}", "", "", "")
+        console.print(t)
+        console.print_json(data=info["fingerprint"])
+        for s in info["shards"]:
+            if "alignment" in s:
+                r = s["alignment"]
+                console.print(f"{s['path']}: alignment {r['checks']} checks, slicing {'ok' if r['slicing_ok'] else 'WRONG'}, "
+                              f"re-encode match {r['reencode_match']:.3f}, decode max err {r['decode_max_err']:.2e}")
+        if "note" in info:
+            console.print(f"note: {info['note']}")
+        for problem in info["problems"]:
+            console.print(f"[bold red]damaged:[/] {problem}")
+    return 2 if info["problems"] else 0
 
 
 if __name__ == "__main__":

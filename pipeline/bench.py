@@ -1,13 +1,20 @@
 """Throughput figures (benchmarks print numbers; no test times anything).
 
-  bench precompute   x-real-time per CPU core of read+resample and of the frozen encode, for the
-                     demo codec and for a snac_24khz-sized codec (random weights: same speed)
-  bench train        segments/s of the loader alone, of the cached trainer, of an online trainer
-                     (read WAV + resample + encode inside the loop) and of decoder fwd/bwd on
-                     in-memory tensors (the compute bound), with their ratios
+  bench precompute   x real time of each stage of a real shard job (read, resample, encode,
+                     write) for the demo codec and a snac_24khz-sized codec (random weights: same
+                     speed), so the slowest stage shows
+  bench train        random segment reads from a synthetic cache of --cache-hours (built once
+                     under results/bench/, reused): loader segments/s per worker and in total for
+                     each worker count and reader (zarr-python, zarrs), and per CPU-second of a
+                     worker (what a dedicated core sustains on a shared machine); rounds
+                     alternate, median and spread; next to the demo-size trainer's segments/s
+                     (decoder fwd/bwd + masked loss, the compute bound)
 """
 from __future__ import annotations
 
+import os
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +26,14 @@ from rich.table import Table
 
 from .data import audio as A
 from .model.codec import build_codec, geometry, save_codec
-from .ui import console
+from .settings import PRECOMPUTE_DEFAULTS
+from .ui import console, progress
 
 SNAC_24KHZ = dict(sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
                   decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096, codebook_dim=8,
                   vq_strides=[4, 2, 1], noise=True, depthwise=True)
+BENCH_DIR = Path("results/bench")
+TARGET_RATE = PRECOMPUTE_DEFAULTS["target_rate"]
 
 
 def _demo_config() -> dict:
@@ -31,111 +41,185 @@ def _demo_config() -> dict:
     return cfg["codec"]["demo"]["config"]
 
 
-def _corpus(tmp: Path, seconds: float):
-    from .data.demo import generate_demo
-    from .data.manifest import parse_manifest
-    n = max(4, int(seconds / 2.5))
-    generate_demo(tmp / "demo", seed=1, n_train=n, n_heldout=2)
-    return tmp / "demo" / "manifest.jsonl", parse_manifest(tmp / "demo" / "manifest.jsonl").rows
+def _spread(values) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
+
+# ---------------------------------------------------------------------------------- precompute
 
 def precompute(seconds: float = 20.0) -> None:
-    from .data.precompute import encode_items
-    cores = torch.get_num_threads()
-    with tempfile.TemporaryDirectory() as tmp:
-        _, rows = _corpus(Path(tmp), seconds)
-        t0 = time.perf_counter()
-        items, total = [], 0.0
-        for r in rows:
-            x, sr = A.read_mono(r.audio)
-            items.append({"x": A.resample(x, sr, 24000)})
-            A.resample(x, sr, 48000)
-            total += len(x) / sr
-        t_read = time.perf_counter() - t0
-        t = Table(title=f"precompute throughput, {total:.0f} s of audio, {cores} threads")
-        for c in ("stage", "codec", "x real time", "x real time per core"):
-            t.add_column(c, justify="right")
-        t.add_row("read + resample (soxr HQ)", "-", f"{total / t_read:.0f}", f"{total / t_read / cores:.0f}")
-        for name, cfg in (("demo", _demo_config()), ("snac_24khz size", SNAC_24KHZ)):
-            codec = build_codec(cfg, 0).eval()
-            geo = geometry(codec)
-            for it in items:
-                it.pop("codes", None)
-            encode_items(codec, geo, items[:1], 64.0, "cpu")          # warm-up
-            t0 = time.perf_counter()
-            encode_items(codec, geo, items, 64.0, "cpu")
-            dt = time.perf_counter() - t0
-            t.add_row("encode (inference_mode)", name, f"{total / dt:.1f}", f"{total / dt / cores:.1f}")
-        console.print(t)
-
-
-def train(seconds: float = 20.0, steps: int = 6, batch_size: int = 4, segment_seconds: float = 1.0) -> None:
-    from .data.cache import CACHE_FORMAT, open_cache
-    from .model.codec import fingerprint, load_codec
-    from .data.segments import SegmentBatches, build_pool, segment_frames
-    from .training.losses import ReconstructionLoss
-    from .model.snac48 import from_codec
-    from .data.precompute import run_shard
-    torch.manual_seed(0)
+    """One shard job per codec on the same demo corpus; x real time = audio seconds / stage seconds."""
+    from .data.demo import generate_demo
+    from .data.precompute import STAGES, run_shard
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        manifest, rows = _corpus(tmp, seconds)
-        save_codec(build_codec(_demo_config(), 0), tmp / "codec")
-        run_shard(manifest, 0, 1, tmp / "codec", tmp / "shard-000.zarr")
-        codec = load_codec(tmp / "codec")
-        fp = fingerprint(codec, 48000, CACHE_FORMAT)
-        shards = open_cache([tmp / "shard-000.zarr"], preload=True, expect=fp)
-        n = segment_frames(segment_seconds, shards[0].geometry)
-        batches = SegmentBatches(shards, build_pool(shards, n), n, batch_size, 0, 10**6)
-        model = from_codec(codec, 48000).train()
-        params = [p for p in model.decoder.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=1e-5)
-        loss_fn = ReconstructionLoss(48000, {"l1": 1, "stft": 1, "mel": 1}, n_ffts=[1024, 2048, 4096])
-
-        def step(codes, target):
-            loss, _ = loss_fn(model.decode(codes), target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        def online_batch(k):
-            rng = np.random.default_rng([1, k])
-            codes, target = [], []
-            hop_c, hop_t = fp["hop"], fp["hop_target"]
-            for r in (rows[i] for i in rng.integers(len(rows), size=batch_size)):
-                x, sr = A.read_mono(r.audio)
-                x24, x48 = A.resample(x, sr, 24000), A.resample(x, sr, 48000)
-                frames = (len(x24) // hop_c - n) // 4 * 4
-                off = int(rng.integers(max(1, frames // 4))) * 4
-                c = model.encode(torch.from_numpy(x24)[None, None])
-                codes.append([ci[0, off // s:(off + n) // s] for ci, s in zip(c, fp["strides"])])
-                target.append(torch.from_numpy(x48[off * hop_t:(off + n) * hop_t]))
-            return [torch.stack([c[i] for c in codes]) for i in range(len(codes[0]))], torch.stack(target)[:, None]
-
-        def rate(fn, k0=0):
-            fn(k0)
-            t0 = time.perf_counter()
-            for k in range(1, steps + 1):
-                fn(k0 + k)
-            return steps * batch_size / (time.perf_counter() - t0)
-
-        fixed = batches[0]
-        results = {
-            "loader only (zarr segments)": rate(lambda k: batches[k]),
-            "cached trainer (loader + fwd/bwd)": rate(lambda k: step(*batches[k]), 100),
-            "online trainer (WAV + resample + encode + fwd/bwd)": rate(lambda k: step(*online_batch(k))),
-            "decoder fwd/bwd on in-memory tensors": rate(lambda k: step(*fixed)),
-        }
-    bound = results["decoder fwd/bwd on in-memory tensors"]
-    t = Table(title=f"training throughput: batch {batch_size} x {segment_seconds} s, demo-size decoder, "
-                    f"{torch.get_num_threads()} threads, CPU")
-    for c in ("path", "segments/s", "vs compute bound"):
-        t.add_column(c, justify="right")
-    for name, v in results.items():
-        t.add_row(name, f"{v:.1f}", f"{v / bound:.2f}x")
+        generate_demo(tmp / "demo", seed=1, n_train=max(4, int(seconds / 2.5)), n_heldout=0)
+        results = {}
+        for name, cfg in (("demo", _demo_config()), ("snac_24khz size", SNAC_24KHZ)):
+            save_codec(build_codec(cfg, 0), tmp / name)
+            st = run_shard(tmp / "demo" / "manifest.jsonl", 0, 1, tmp / name, tmp / f"{name}.zarr",
+                           {"device": "cpu", "target_rate": TARGET_RATE})
+            results[name] = {k: st["seconds_accepted"] / max(v, 1e-9) for k, v in st["stage_seconds"].items()}
+            geo = geometry(cfg, TARGET_RATE)
+            results[name]["rates"] = f"{geo.codec_rate} Hz codes, {geo.target_rate} Hz targets"
+            results[name]["audio"] = st["seconds_accepted"]
+    t = Table(title=f"precompute stages, x real time ({threads} threads, CPU; higher is faster)")
+    t.add_column("stage")
+    for name in results:
+        t.add_column(f"{name}\n{results[name]['rates']}", justify="right")
+    for stage in STAGES:
+        cells = []
+        for r in results.values():
+            slowest = min(r[s] for s in STAGES) == r[stage]
+            cells.append(f"{'[bold red]' if slowest else ''}{r[stage]:.1f}{' (slowest)' if slowest else ''}")
+        t.add_row(stage, *cells)
     console.print(t)
-    cached, online = results["cached trainer (loader + fwd/bwd)"], results["online trainer (WAV + resample + encode + fwd/bwd)"]
-    console.print(f"cached / online = {cached / online:.2f}x; loader / cached trainer = "
-                  f"{results['loader only (zarr segments)'] / cached:.1f}x (the loader keeps up when > 1)")
+    console.print(f"{results['demo']['audio']:.1f} s of demo audio per codec; read = soundfile, resample = soxr "
+                  f"{PRECOMPUTE_DEFAULTS['resample_quality']} to both rates, write = int16 + crc32 + zarr (zstd, crc32c)")
+
+
+# ---------------------------------------------------------------------------------- train
+
+def synthetic_cache(hours: float, shard_hours: float = 12.5) -> Path:
+    """A cache of `hours` of speech-like 48 kHz audio with random codes for the demo codec's
+    geometry, 1-12 s utterances (some shorter than a 4 s segment), under results/bench/.
+    Built once; complete shards of an interrupted build are kept."""
+    from .data.cache import CACHE_FORMAT, CacheError, Shard, ShardWriter, open_cache, shard_name
+    from .data.demo import generate_demo
+    from .data.precompute import silence_codes
+    from .model.codec import fingerprint
+    out = BENCH_DIR / f"cache-{hours:g}h"
+    count = max(1, round(hours / shard_hours))
+    try:
+        if len(open_cache(out)) == count:
+            return out
+    except CacheError:
+        pass
+    need = hours * 3600 * TARGET_RATE * 2 * 1.1
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise RuntimeError(f"a {hours:g} h cache needs up to {need / 1e9:.1f} GB, {out} has {free / 1e9:.1f} GB "
+                           "free: use a smaller --cache-hours")
+    codec = build_codec(_demo_config(), 0).eval()
+    geo, fp = geometry(codec, TARGET_RATE), fingerprint(codec, TARGET_RATE, CACHE_FORMAT)
+    silence = silence_codes(codec, geo, "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_demo(tmp, seed=7, n_train=24, n_heldout=0, rate=geo.target_rate, min_seconds=13, max_seconds=16)
+        bank = [np.clip(A.read_mono(p)[0] * 32768, -32767, 32767).astype(np.int16)
+                for p in sorted(Path(tmp, "audio").glob("*.wav"))]
+    quantum = geo.pad_to // geo.hop                       # utterances are whole pad_to blocks, as SNAC pads
+    per_frame = geo.hop_target
+    with progress() as bar:
+        task = bar.add_task(f"building {out}", total=hours * 3600)
+        for k in range(count):
+            if (out / shard_name(k)).is_dir():
+                try:
+                    Shard(out / shard_name(k))
+                    bar.advance(task, hours * 3600 / count)
+                    continue
+                except CacheError:
+                    pass
+            rng, done, i = np.random.default_rng([7, k]), 0.0, 0
+            w = ShardWriter(out / shard_name(k), fp, silence, k, count)
+            while done < hours * 3600 / count:
+                real = int(rng.uniform(1.0, 12.0) * geo.target_rate)
+                frames = -(-real // (per_frame * quantum)) * quantum
+                clip = bank[rng.integers(len(bank))]
+                a0 = int(rng.integers(len(clip) - real))
+                audio = np.zeros(frames * per_frame, np.int16)
+                audio[:real] = clip[a0:a0 + real]
+                codes = [rng.integers(geo.codebook_size, size=frames // s) for s in geo.strides]
+                w.add(f"syn-{k}-{i}", audio, codes, dataset_id=0, source=0, source_rate=geo.target_rate,
+                      samples=real, bandlimited=False, clipped=0)
+                done += real / geo.target_rate
+                i += 1
+                bar.advance(task, real / geo.target_rate)
+            w.close([], {"synthetic": True})
+            if not console.is_terminal:
+                console.print(f"built {out / shard_name(k)} ({i} utterances)")
+    return out
+
+
+def _cpu_seconds(it) -> float:
+    """CPU seconds (all threads) used so far by the loader's workers, or by this process when
+    it has none: what a worker needs per segment, whatever else shares the machine."""
+    workers = getattr(it, "_workers", None)
+    if not workers:
+        return time.process_time()
+    ticks = 0
+    for w in workers:
+        fields = Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])          # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def train(cache_hours: float = 1.0, workers=(0, 1, 2), segment_seconds: float = 4.0, batch_size: int = 8,
+          rounds: int = 3, batches: int = 40, steps: int = 2) -> None:
+    from .data import cache as C
+    from .data.segments import SegmentBatches, build_pool, open_training_cache
+    from .settings import segment_frames
+    from .model.snac48 import from_codec
+    from .training.losses import ReconstructionLoss
+    cache = synthetic_cache(cache_hours)
+    shards = open_training_cache(sorted(cache.glob("shard-*.zarr")), None, preload=False)
+    geo = shards[0].geometry
+    n = segment_frames(segment_seconds, geo)
+    pool = build_pool(shards, n)
+    data = SegmentBatches(shards, pool, n, batch_size, 0, 10**9)
+    on_disk = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    console.print(f"{cache}: {len(shards)} shards, {len(pool.items)} utterances ({pool.padded} shorter than a "
+                  f"segment), {sum(int(s.table['samples'].sum()) for s in shards) / geo.target_rate / 3600:.1f} h, "
+                  f"{on_disk / 1e9:.1f} GB on disk; segments of {n * geo.hop_target / geo.target_rate:.2f} s, "
+                  f"batch {batch_size}")
+    fast = C.FAST_READS
+    paths = [(w, r) for w in workers for r in (("zarr-python", "zarrs") if w else ("zarr-python",))]
+    rates, per_cpu = {p: [] for p in paths}, {p: [] for p in paths}
+    for r in range(rounds):                               # rounds alternate between the paths
+        for j, (w, reader) in enumerate(paths):
+            first = (r * len(paths) + j + 1) * 100_000        # fresh batches: no read repeats another's
+            C.FAST_READS = fast if reader == "zarrs" else None  # as the workers fork
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(data, range(first, first + batches + max(1, w))), batch_size=None,
+                num_workers=w, prefetch_factor=2 if w else None)
+            it = iter(loader)
+            for _ in range(max(1, w)):                      # workers started, first batches out
+                next(it)
+            t0, c0 = time.perf_counter(), _cpu_seconds(it)
+            for _ in range(batches):
+                next(it)
+            rates[w, reader].append(batches * batch_size / (time.perf_counter() - t0))
+            per_cpu[w, reader].append(batches * batch_size / (_cpu_seconds(it) - c0))
+            del it, loader
+    C.FAST_READS = fast
+    codec = build_codec(_demo_config(), 0)
+    model = from_codec(codec, geo.target_rate).train()
+    params = [p for p in model.decoder.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    loss_fn = ReconstructionLoss(geo.target_rate, {"l1": 1, "stft": 1, "mel": 1})
+    batch = [data[k] for k in range(steps + 1)]
+    t0 = 0.0
+    for k, (codes, target, mask) in enumerate(batch):
+        if k == 1:
+            t0 = time.perf_counter()                      # step 0 warms up
+        loss, _ = loss_fn(model.decode(codes), target, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trainer = steps * batch_size / (time.perf_counter() - t0)
+    t = Table(title=f"training data: random {segment_seconds:g} s segments from zarr, {torch.get_num_threads()} "
+                    f"threads, CPU (median (min-max) of {rounds} alternating rounds)")
+    for c in ("loader workers", "reads", "segments/s total", "segments/s per worker",
+              "segments per worker CPU-second", "x trainer"):
+        t.add_column(c, justify="right")
+    for (w, reader), v in rates.items():
+        per = [x / max(1, w) for x in v]
+        t.add_row(str(w) + (" (main process)" if not w else ""), reader, _spread(v), _spread(per),
+                  _spread(per_cpu[w, reader]), f"{statistics.median(v) / trainer:.0f}x")
+    t.add_row("trainer", "", f"{trainer:.2f}", "", "", "1x")
+    console.print(t)
+    console.print(f"trainer: demo-size decoder fwd/bwd + masked loss, batch {batch_size}, {steps} steps after one "
+                  "warm-up; a GPU trainer is far faster: compare its segments/s with the loader's per worker")

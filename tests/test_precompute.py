@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +20,8 @@ from pipeline.data import cache as C
 from pipeline.data.alignment import check_shard
 from pipeline.model.codec import geometry, load_codec, save_codec, state_digest
 from pipeline.data.precompute import run_shard, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_official_layout_loads_and_codes_equal_snac_encode(tiny_codec_dir, tmp_path):
@@ -93,10 +100,10 @@ def _rewrite_with_geometry(src, dst, hop_target):
     SNAC's 44 kHz hop 441 used for the 24 kHz model)."""
     sh = C.Shard(src)
     fp = {**sh.fingerprint, "hop_target": hop_target}
-    w = C.ShardWriter(dst, fp)
+    w = C.ShardWriter(dst, fp, sh.silence_codes, sh.index, sh.count)
     for i in range(len(sh)):
-        codes, _ = sh.utterance(i)
-        raw = np.asarray(sh._audio[sh.audio_off[i]: sh.audio_off[i] + int(sh.table["samples"][i])])
+        codes, full = sh.utterance(i)
+        raw = full[:int(sh.table["samples"][i])]
         audio = np.zeros(sh.frames(i) * hop_target, np.int16)
         n = min(len(raw), len(audio))
         audio[:n] = raw[:n]
@@ -190,3 +197,56 @@ def test_fingerprint_mismatch_is_refused(good_cache, tmp_path):
     other = build_codec(TINY_24K, seed=99)
     with pytest.raises(C.CacheError, match="codec_digest"):
         C.open_cache(d, expect=fingerprint(other, 48000, C.CACHE_FORMAT))
+
+
+def _clips_manifest(d, n, seconds, name="m.jsonl"):
+    """n rows reading one clip under different ids (enough to make a shard job last)."""
+    write_audio(d / "clip.wav", speechlike(seconds, 48000, seed=5), 48000)
+    return write_manifest(d / name, [{"audio": "clip.wav", "id": f"u{i:03d}"} for i in range(n)])
+
+
+def test_killed_shard_job_restarts_cleanly_and_writes_the_same_shard(tiny_codec_dir, tmp_path):
+    m = _clips_manifest(tmp_path, 10, 1.0)
+    settings = {"window_seconds": 1.0}                   # encode and append as the job goes
+    ref = tmp_path / "ref" / "shard-000.zarr"
+    run_shard(m, 0, 1, tiny_codec_dir, ref, settings)
+    out = tmp_path / "cache" / "shard-000.zarr"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_PROGRESS_SECONDS": "0", "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen([sys.executable, "-m", "pipeline", "precompute-shard", "--manifest", str(m),
+                            "--shard", "0", "--n-shards", "1", "--codec", str(tiny_codec_dir), "--out", str(out),
+                            "--settings", json.dumps(settings)],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in job.stdout:                              # the log's progress lines
+        seen.append(line)
+        hit = re.search(r"(\d+)/10 rows read, (\d+) encoded", line)
+        if hit and int(hit[2]) >= 3:
+            job.kill()
+            break
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, "".join(seen)
+    partial, lock = Path(str(out) + ".partial"), Path(str(out) + ".lock")
+    assert partial.is_dir() and not out.exists()         # killed mid-way: leftovers, no shard
+    run_shard(m, 0, 1, tiny_codec_dir, out, settings)
+    assert not partial.exists() and not lock.exists()
+    a, b = C.Shard(ref), C.Shard(out)
+    assert a.digest == b.digest and b.verify() == []
+    assert np.array_equal(a._audio[:], b._audio[:])
+    assert all(np.array_equal(x, y) for x, y in zip(a.codes, b.codes))
+
+
+def test_shard_job_streams_in_bounded_memory(tiny_codec_dir, tmp_path, monkeypatch):
+    """Peak traced memory (numpy buffers included) does not grow with the number of rows: the
+    job holds a window of audio and one zarr shard of output, never the shard's audio."""
+    monkeypatch.setattr(C, "AUDIO_CHUNK", 2**12)         # small zarr shards, so the test's audio
+    monkeypatch.setattr(C, "AUDIO_SHARD", 2**14)         # spans many of them
+    peaks = {}
+    for n in (6, 30):
+        m = _clips_manifest(tmp_path, n, 0.6, f"m{n}.jsonl")
+        tracemalloc.start()
+        run_shard(m, 0, 1, tiny_codec_dir, tmp_path / f"shard-{n}.zarr", {"window_seconds": 1.0})
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(C.Shard(tmp_path / f"shard-{n}.zarr")) == n
+    held = 24 * 0.6 * (48000 * 4 + 24000 * 4)            # what holding the 24 extra rows' audio would take
+    assert peaks[30] - peaks[6] < 0.25 * held, peaks

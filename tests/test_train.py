@@ -13,7 +13,8 @@ from pipeline.model import snac48 as M
 from pipeline.training import train as T
 from pipeline.data.cache import open_cache
 from pipeline.model.codec import load_codec, noise_disabled, state_digest
-from pipeline.data.segments import build_pool, collate, fixed_segments, segment_frames
+from pipeline.data.segments import build_pool, collate, fixed_segments
+from pipeline.settings import segment_frames
 from pipeline.training.losses import ReconstructionLoss
 from pipeline.data.precompute import run_shard
 
@@ -177,7 +178,7 @@ def test_smart_init_has_lower_heldout_loss_at_step_0(small_cache):
     codec = load_codec(small_cache / "codec")
     held = open_cache(small_cache / "heldout")
     n = segment_frames(0.5, held[0].geometry)
-    codes, target = collate(fixed_segments(held, n, 8))
+    codes, target, _ = collate(fixed_segments(held, n, 8))
     loss = ReconstructionLoss(48000, {"l1": 1, "stft": 1, "mel": 1}, n_ffts=[512, 1024], n_mels=64)
     out = {}
     for init in ("smart", "random"):
@@ -418,7 +419,7 @@ def test_several_manifests_sampled_by_weight(small_cache, tmp_path):
         for p in b.picks(np.random.default_rng([0, k])):
             counts[pool.items[p][3]] += 1
     np.testing.assert_allclose(counts / counts.sum(), [0.65, 0.25, 0.10], atol=0.03)
-    codes, target = b[3]
+    codes, target, mask = b[3]
     assert target.shape[0] == 8
 
 

@@ -68,7 +68,7 @@ def test_runtime_knobs_are_not_part_of_the_run():
     s = settings()
     knobs = dict(num_workers=1, preload=False, device="cpu", log_every=1, val_every=3, val_batches=2,
                  ckpt_every=3, keep_best=2, max_nonfinite=5, resume=False, activation_checkpointing=True,
-                 deterministic=True)
+                 deterministic=True, nproc_per_node=2, nnodes=2)
     assert set(knobs) == RUNTIME_KEYS
     assert run_settings(s) == run_settings({**s, **knobs})
     assert run_settings(s) != run_settings({**s, "lr": 2e-3})

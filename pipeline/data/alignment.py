@@ -8,6 +8,8 @@ For random utterances and random segment offsets aligned to the coarsest stride:
               sliced codes away from the edges (by the encoder's receptive field);
   decoding    (noise off) decoding the sliced codes matches the same crop of decoding the
               whole utterance, away from the edges (by the decoder's receptive field).
+`python -m pipeline cache-info --check --codec DIR` runs them on every shard; `verdict` says
+which figures fail.
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ import torch
 
 from . import audio as A
 from ..model.codec import noise_disabled
+
+# a right cache re-encodes to >= 0.95 of its interior codes (near-ties flip after int16 and
+# resampling); a wrong hop gives < 0.8. Deterministic decodes of a crop agree to float error.
+MIN_REENCODE_MATCH, MAX_DECODE_ERR = 0.9, 1e-3
 
 
 def receptive_field(fn, channels: int, length: int) -> int:
@@ -71,4 +77,17 @@ def check_shard(shard, codec, n_checks: int = 8, seg_coarse: int = 6, seed: int 
             out["decode_max_err"] = max(out["decode_max_err"], float((part[m:-m] - crop[m:-m]).abs().max()))
         out["checks"] += 1
     out.update(encoder_rf=enc_rf, decoder_rf=dec_rf)
+    return out
+
+
+def verdict(r: dict) -> list:
+    """What is wrong with `check_shard`'s figures (empty: the cache and the codec line up)."""
+    out = []
+    if not r["slicing_ok"]:
+        out.append("sliced codes or audio differ from the whole utterance's")
+    if r["reencode_match"] < MIN_REENCODE_MATCH:
+        out.append(f"re-encoding the targets matches only {r['reencode_match']:.2f} of the cached codes "
+                   f"(< {MIN_REENCODE_MATCH}): codes and audio do not belong together (wrong hop or codec?)")
+    if r["decode_max_err"] > MAX_DECODE_ERR:
+        out.append(f"decoding sliced codes differs from the whole decode by {r['decode_max_err']:.2e} (> {MAX_DECODE_ERR})")
     return out

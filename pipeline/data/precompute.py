@@ -8,10 +8,23 @@ Target-rate policy for sources below the target rate (`low_rate_policy`):
   bwe               the target comes from an external bandwidth-extension model, a TorchScript
                     file taking codec-rate audio (1, 1, T) and returning target-rate audio
                     (1, 1, T * target_rate / codec_rate).
+
+A shard job streams: rows are read, encoded and appended a window at a time, so its memory is
+bounded whatever the number of rows, by about
+    window_seconds * (codec_rate + target_rate) * 4 bytes * 2    (float32 window, resampled copies)
+  + the encoder's activations for one batch of batch_seconds
+  + AUDIO_SHARD * 2 bytes * 3 (the audio appender's block and its concatenation) + codes alike
+  + ~200 bytes per row (manifest row, id, offsets, table)
+i.e. about 0.5 GB + the encoder's batch at the defaults (600 s window), for 15,000 rows as for
+150, never the shard's audio. Progress: a rich bar on a terminal; in a log file a line every
+PIPELINE_PROGRESS_SECONDS (default 30) seconds. A killed shard job leaves `<shard>.partial`
+(and a `<shard>.lock` no process holds any more): the rerun takes the lock, deletes the leftover
+and writes the shard from the start, the same bytes as an uninterrupted run.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,15 +32,15 @@ import numpy as np
 import torch
 
 from . import audio as A
-from .cache import ShardWriter, Shard, dump_json
+from .cache import CACHE_FORMAT, ShardLock, ShardWriter, Shard, dump_json
 from ..model.codec import fingerprint, geometry, load_codec, pick_device
 from .manifest import as_paths, parse_manifest, shard_rows
-from .cache import CACHE_FORMAT
 from ..ui import console, progress
 
 from ..settings import PRECOMPUTE_DEFAULTS as DEFAULTS
 
 POLICIES = ("reject", "keep_bandlimited", "bwe")
+STAGES = ("read", "resample", "encode", "write")
 
 
 def settings_with_defaults(settings: dict | None) -> dict:
@@ -45,12 +58,21 @@ def settings_with_defaults(settings: dict | None) -> dict:
 class Preparer:
     """Turns one manifest row into codec-rate input and target-rate audio, or raises AudioError."""
 
-    def __init__(self, geo, s: dict):
-        self.geo, self.s = geo, s
+    def __init__(self, geo, s: dict, clock: dict | None = None):
+        self.geo, self.s, self.clock = geo, s, clock if clock is not None else dict.fromkeys(STAGES, 0.0)
         self.bwe = torch.jit.load(s["bwe_model"], map_location="cpu").eval() if s["low_rate_policy"] == "bwe" else None
 
     def __call__(self, row):
+        t0 = time.perf_counter()
         x, sr = A.read_mono(row.audio)
+        t1 = time.perf_counter()
+        self.clock["read"] += t1 - t0
+        try:
+            return self._convert(row, x, sr)
+        finally:
+            self.clock["resample"] += time.perf_counter() - t1     # bandwidth extension included
+
+    def _convert(self, row, x, sr):
         if len(x) / sr < self.s["min_seconds"]:
             raise A.AudioError(f"too short: {len(x) / sr:.3f} s < min_seconds {self.s['min_seconds']}")
         g, q = self.geo, self.s["resample_quality"]
@@ -100,23 +122,55 @@ def encode_items(codec, geo, items: list, batch_seconds: float, device) -> None:
                 it["codes"] = [c[j] for c in codes]
 
 
+def silence_codes(codec, geo, device) -> list:
+    """Per codebook, the code the frozen encoder gives in the middle of a long silence: what
+    SNAC itself sees past the end of an utterance (it zero-pads to pad_to), so it pads segments."""
+    codes = encode_same_length(codec, np.zeros((1, 16 * geo.pad_to), dtype=np.float32), device)
+    mid = 8 * geo.pad_to // geo.hop
+    return [int(c[0, mid // s]) for c, s in zip(codes, geo.strides)]
+
+
+def progress_seconds() -> float:
+    """Seconds between progress lines when the output is a log file (PIPELINE_PROGRESS_SECONDS)."""
+    return float(os.environ.get("PIPELINE_PROGRESS_SECONDS", 30))
+
+
 def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dict | None = None) -> dict:
-    """`manifest`: one path or a list (the same list, in the same order, for every shard)."""
+    """`manifest`: one path or a list (the same list, in the same order, for every shard).
+    Streams (see the module docstring for the memory bound); stats["stage_seconds"] has the
+    time spent reading, resampling, encoding and writing."""
     manifests = as_paths(manifest)
     s = settings_with_defaults(settings)
     t0 = time.time()
-    device = pick_device(s["device"])
-    codec = load_codec(codec_dir, device)
-    geo = geometry(codec, s["target_rate"])
-    fp = fingerprint(codec, s["target_rate"], CACHE_FORMAT)
+    lock, writer = ShardLock(out), None    # first: a second writer of this shard fails at once
+    try:
+        device = pick_device(s["device"])
+        codec = load_codec(codec_dir, device)
+        geo = geometry(codec, s["target_rate"])
+        fp = fingerprint(codec, s["target_rate"], CACHE_FORMAT)
+        writer = ShardWriter(out, fp, silence_codes(codec, geo, device), shard, n_shards, lock)
+        stats = _fill(writer, codec, geo, manifests, shard, n_shards, s, device, t0)
+    except BaseException:
+        writer.abort() if writer else lock.release()
+        raise
+    console.print(f"shard {shard:03d}: {stats['accepted']} accepted, {stats['rejected']} rejected, "
+                  f"{stats['seconds_accepted']:.1f} s of audio in {stats['wall_seconds']:.1f} s on {device} ("
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in stats["stage_seconds"].items()) + ")")
+    return stats
+
+
+def _fill(writer, codec, geo, manifests, shard, n_shards, s, device, t0) -> dict:
     rows = shard_rows(parse_manifest(manifests).rows, n_shards)[shard]
-    prep = Preparer(geo, s)
-    writer = ShardWriter(out, fp)
+    clock = dict.fromkeys(STAGES, 0.0)
+    prep = Preparer(geo, s, clock)
     rejects, window, stats = [], [], {"rows": len(rows), "accepted": 0, "rejected": 0,
                                       "seconds_accepted": 0.0, "clipped_samples": 0}
 
     def flush():
+        t = time.perf_counter()
         encode_items(codec, geo, window, s["batch_seconds"], device)
+        clock["encode"] += time.perf_counter() - t
+        t = time.perf_counter()
         for it in window:
             n_target = geo.frames(len(it["x"])) * geo.hop_target
             tgt, clipped = A.to_int16(it["target"][:n_target])
@@ -129,8 +183,9 @@ def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dic
             stats["seconds_accepted"] += it["seconds"]
             stats["clipped_samples"] += clipped
         window.clear()
+        clock["write"] += time.perf_counter() - t
 
-    last_line = time.time()
+    last_line, every = time.time(), progress_seconds()
     with progress() as bar:
         task = bar.add_task(f"shard {shard:03d}", total=len(rows))
         for n, row in enumerate(rows, start=1):
@@ -142,16 +197,18 @@ def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dic
             if sum(len(it["x"]) for it in window) >= s["window_seconds"] * geo.codec_rate:
                 flush()
             bar.advance(task)
-            if not console.is_terminal and time.time() - last_line > 30:   # a log file, not a terminal
-                console.print(f"shard {shard:03d}: {n}/{len(rows)} rows read, {stats['accepted']} encoded")
+            if not console.is_terminal and time.time() - last_line >= every:   # a log file, not a terminal
+                console.print(f"shard {shard:03d}: {n}/{len(rows)} rows read, {stats['accepted']} encoded, "
+                              f"{time.time() - t0:.0f} s")
                 last_line = time.time()
         flush()
     stats["rejected"] = len(rejects)
     stats["seconds_accepted"] = round(stats["seconds_accepted"], 3)
+    t = time.perf_counter()
+    stats["stage_seconds"] = {k: round(v, 3) for k, v in clock.items()}
     stats["wall_seconds"] = round(time.time() - t0, 2)
     writer.close(rejects, stats)
-    console.print(f"shard {shard:03d}: {stats['accepted']} accepted, {stats['rejected']} rejected, "
-                  f"{stats['seconds_accepted']:.1f} s of audio in {stats['wall_seconds']:.1f} s on {device}")
+    stats["stage_seconds"]["write"] = round(clock["write"] + time.perf_counter() - t, 3)   # + closing
     return stats
 
 

@@ -5,8 +5,9 @@ Losses (``torch.nn.Module``, differentiable, return tensors):
 * `MultiResolutionSTFTLoss` -- spectral convergence + log-magnitude L1, averaged over
   several STFT resolutions (the Parallel-WaveGAN formulation).
 * `MelL1Loss` -- L1 between log10 mel magnitude spectrograms.
-* `ReconstructionLoss` -- lambda-weighted sum of waveform L1, MR-STFT and mel terms; returns
-  ``(total, {name: term})`` so the trainer can log every term.
+* `ReconstructionLoss` -- lambda-weighted sum of waveform L1, MR-STFT and mel terms, each the
+  mean over items of per-item losses, padding masked out; returns ``(total, {name: term})`` so
+  the trainer can log every term.
 
 Metrics (plain functions, run without gradients, return python floats averaged over the batch):
 
@@ -133,20 +134,32 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
             w = torch.hann_window(n_fft, device=like.device)
         return w.to(device=like.device, dtype=torch.float32)
 
+    def _mags(self, p: torch.Tensor, t: torch.Tensor):
+        """(|X_p|, |X_t|) of float32 (B, T) audio for each resolution."""
+        for n_fft in self.n_ffts:
+            n = _fit_n_fft(n_fft, p.shape[-1])
+            hop = max(1, int(n * self.hop_ratio))
+            w = self._window(n, p)
+            yield _stft_mag(p, n, hop, w, self.eps), _stft_mag(t, n, hop, w, self.eps)
+
     def forward(self, pred, target) -> torch.Tensor:
         p, t = _pair(pred, target)
         with _no_autocast(p):
-            p, t = p.float(), t.float()
-            total = p.new_zeros(())
-            for n_fft in self.n_ffts:
-                n = _fit_n_fft(n_fft, p.shape[-1])
-                hop = max(1, int(n * self.hop_ratio))
-                w = self._window(n, p)
-                mp = _stft_mag(p, n, hop, w, self.eps)
-                mt = _stft_mag(t, n, hop, w, self.eps)
+            total = p.new_zeros((), dtype=torch.float32)
+            for mp, mt in self._mags(p.float(), t.float()):
                 sc = torch.linalg.vector_norm(mt - mp) / torch.linalg.vector_norm(mt)
-                mag = F.l1_loss(torch.log(mp), torch.log(mt))
-                total = total + sc + mag
+                total = total + sc + F.l1_loss(torch.log(mp), torch.log(mt))
+            return total / len(self.n_ffts)
+
+    def items(self, pred, target) -> torch.Tensor:
+        """The loss of each item on its own, shape (B,): spectral convergence per item, not
+        pooled over the batch as in `forward`."""
+        p, t = _pair(pred, target)
+        with _no_autocast(p):
+            total = p.new_zeros(p.shape[0], dtype=torch.float32)
+            for mp, mt in self._mags(p.float(), t.float()):
+                sc = torch.linalg.vector_norm(mt - mp, dim=(1, 2)) / torch.linalg.vector_norm(mt, dim=(1, 2))
+                total = total + sc + (torch.log(mp) - torch.log(mt)).abs().mean(dim=(1, 2))
             return total / len(self.n_ffts)
 
 
@@ -178,14 +191,22 @@ class MelL1Loss(torch.nn.Module):
     def _log_mel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log10(self.mel(x) + self.eps)
 
-    def forward(self, pred, target) -> torch.Tensor:
+    def _diff(self, pred, target) -> torch.Tensor:
         p, t = _pair(pred, target)
-        with _no_autocast(p):
-            p, t = p.float(), t.float()
-            if p.shape[-1] <= self.n_fft // 2:
-                pad = self.n_fft - p.shape[-1]
-                p, t = F.pad(p, (0, pad)), F.pad(t, (0, pad))
-            return F.l1_loss(self._log_mel(p), self._log_mel(t))
+        p, t = p.float(), t.float()
+        if p.shape[-1] <= self.n_fft // 2:
+            pad = self.n_fft - p.shape[-1]
+            p, t = F.pad(p, (0, pad)), F.pad(t, (0, pad))
+        return (self._log_mel(p) - self._log_mel(t)).abs()
+
+    def forward(self, pred, target) -> torch.Tensor:
+        with _no_autocast(torch.as_tensor(pred)):
+            return self._diff(pred, target).mean()
+
+    def items(self, pred, target) -> torch.Tensor:
+        """The loss of each item on its own, shape (B,)."""
+        with _no_autocast(torch.as_tensor(pred)):
+            return self._diff(pred, target).mean(dim=(1, 2))
 
 
 class ReconstructionLoss(torch.nn.Module):
@@ -200,9 +221,16 @@ class ReconstructionLoss(torch.nn.Module):
     A missing key or a weight of 0 means the term is neither built nor computed nor returned.
     Unknown keys, negative or non-finite weights, or all weights zero raise ``ValueError``.
 
-    ``forward`` returns ``(total, terms)``: ``total`` is the differentiable weighted sum (float32
-    scalar); ``terms`` maps each computed term name to its *unweighted*, *detached* scalar tensor,
-    for logging (detached so that keeping them does not keep the graph alive).
+    ``forward(pred, target, mask=None)`` returns ``(total, terms)``: ``total`` is the
+    differentiable weighted sum (float32 scalar); ``terms`` maps each computed term name to its
+    *unweighted*, *detached* scalar tensor, for logging (detached so that keeping them does not
+    keep the graph alive).
+
+    Every term is the mean over items of per-item losses (the MR-STFT spectral convergence too),
+    so a batch split into equal shares across data-parallel ranks averages back to the same
+    number. ``mask`` (bool, shaped like ``pred``, True on real samples, which come first) makes
+    each item's loss that of its unpadded part alone, for every term; items of one length are
+    computed together, and a batch without padding costs what it costs without a mask.
     """
 
     def __init__(self, sample_rate: int, lambdas: dict, n_ffts=(1024, 2048, 4096, 8192), n_mels: int = 128):
@@ -226,21 +254,43 @@ class ReconstructionLoss(torch.nn.Module):
         self.stft = MultiResolutionSTFTLoss(n_ffts) if "stft" in self.lambdas else None
         self.mel = MelL1Loss(sample_rate, n_mels=n_mels) if "mel" in self.lambdas else None
 
-    def forward(self, pred, target) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, pred, target, mask=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p, t = _pair(pred, target)
+        parts = [(p, t) if idx is None else (p[idx, :n], t[idx, :n]) for n, idx in _length_groups(mask, p)]
         terms: dict[str, torch.Tensor] = {}
         total = None
         for name, weight in self.lambdas.items():
-            if name == "l1":
-                with _no_autocast(p):
-                    value = F.l1_loss(p.float(), t.float())
-            elif name == "stft":
-                value = self.stft(p, t)
-            else:
-                value = self.mel(p, t)
+            per_item = {"l1": _l1_items, "stft": getattr(self.stft, "items", None),
+                        "mel": getattr(self.mel, "items", None)}[name]
+            with _no_autocast(p):
+                value = sum(per_item(pp, tt).sum() for pp, tt in parts) / p.shape[0]
             terms[name] = value.detach()
             total = weight * value if total is None else total + weight * value
         return total, terms
+
+
+def _l1_items(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (p.float() - t.float()).abs().mean(dim=-1)
+
+
+def _length_groups(mask, p: torch.Tensor) -> list:
+    """[(length, item indices or None for all)] of a batch whose items are real on a prefix
+    (`mask` True there; None: all real). Items of one length are computed together, and a batch
+    without padding is one group with no indexing."""
+    length = p.shape[-1]
+    if mask is None:
+        return [(length, None)]
+    m = _as_batch(mask, "mask").to(p.device)
+    if m.shape != p.shape or m.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor shaped like pred, got {m.dtype} {tuple(m.shape)}")
+    lengths = m.sum(-1)
+    if not torch.equal(m, torch.arange(length, device=m.device)[None] < lengths[:, None]):
+        raise ValueError("mask must be True on a prefix of each item (real samples first, padding after)")
+    if bool((lengths == 0).any()):
+        raise ValueError("mask: an item has no real sample")
+    if bool((lengths == length).all()):
+        return [(length, None)]
+    return [(int(n), torch.nonzero(lengths == n).flatten()) for n in torch.unique(lengths).tolist()]
 
 
 # --------------------------------------------------------------------------- metrics

@@ -204,7 +204,7 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
     pf.add("schedule", True, f"{s['schedule']}: lr {s['lr']:g}, warmup {s['warmup_steps']} of {s['steps']} steps, "
            f"to x{s['lr_min_ratio']}; batch {s['batch_size']} x accum {s['grad_accum']}")
     loss_fn = ReconstructionLoss(geo.target_rate, s["lambdas"], n_ffts=s["n_ffts"], n_mels=s["n_mels"]).to(device)
-    run = hashlib.sha256(json.dumps([phase, run_settings(s), start_weights, fp, [_digest(sh) for sh in shards]],
+    run = hashlib.sha256(json.dumps([phase, run_settings(s), start_weights, fp, [sh.digest for sh in shards]],
                                     sort_keys=True).encode()).hexdigest()[:16]
     t = Trainer(phase, s, out, group, device, geo.target_rate, model, [p for g in groups for p in g["params"]], opt,
                 sched, loss_fn, decoder, val, run, start_weights, state=new_state(run, phase), lora=lora, adv=adv)
@@ -212,7 +212,7 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
     resume(t, resume_from, pf)
     pf.finish()
     batches = SegmentBatches(shards, pool, n_frames, s["batch_size"], s["seed"], s["steps"] * s["grad_accum"],
-                             s["source_weights"], **({"share": (group.rank, group.world)} if group.world > 1 else {}))
+                             s["source_weights"], share=(group.rank, group.world))
     t.batches = iter(torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(t.state["step"] * s["grad_accum"], len(batches))),
         batch_size=None, num_workers=s["num_workers"], prefetch_factor=4 if s["num_workers"] else None,
@@ -276,13 +276,12 @@ def train_step(t: Trainer, step: int) -> dict:
     t.opt.zero_grad(set_to_none=True)
     sums, finite, seconds = {}, True, 0.0
     for i in range(s["grad_accum"]):
-        codes, target, mask = _triple(next(t.batches))
-        codes, target = [c.to(t.device) for c in codes], target.to(t.device)
-        mask = mask.to(t.device) if mask is not None else None
+        codes, target, mask = next(t.batches)
+        codes, target, mask = [c.to(t.device) for c in codes], target.to(t.device), mask.to(t.device)
         # several processes: gradients are averaged on the last micro-batch's backward only
         with t.decoder.no_sync() if t.group.world > 1 and i < s["grad_accum"] - 1 else nullcontext():
             pred = t.decoder(t.model.quantizer.from_codes(codes))
-            loss, terms = _loss(t.loss_fn, pred, target, mask)
+            loss, terms = t.loss_fn(pred, target, mask)
             if t.adv and t.adv.active(step):        # the discriminators learn on every micro-batch
                 terms.update(t.adv.discriminator_step(target, pred, mask))
                 g, g_terms = t.adv.generator_loss(target, pred, mask)
@@ -291,7 +290,7 @@ def train_step(t: Trainer, step: int) -> dict:
             # reaches the averaged gradient norm on every process, which then skips the step
             (loss / s["grad_accum"]).backward()
         finite &= bool(torch.isfinite(loss))
-        seconds += float(mask.sum() if mask is not None else target.numel()) / t.rate
+        seconds += float(mask.sum()) / t.rate        # real audio seen: padding does not count
         for k, v in {"loss": loss.detach(), **terms}.items():
             sums[k] = sums.get(k, 0.0) + float(v) / s["grad_accum"]
     gnorm = torch.nn.utils.clip_grad_norm_(t.trainable, s["grad_clip"] or float("inf"))
@@ -329,9 +328,8 @@ def validate(t: Trainer) -> float:
     total, n = 0.0, 0
     with noise_disabled(t.model):
         for i in range(0, len(mine), t.s["batch_size"]):
-            codes, target, mask = _triple(collate(mine[i:i + t.s["batch_size"]]))
-            loss, _ = _loss(t.loss_fn, t.model.decode([c.to(t.device) for c in codes]), target.to(t.device),
-                            mask.to(t.device) if mask is not None else None)
+            codes, target, mask = collate(mine[i:i + t.s["batch_size"]])
+            loss, _ = t.loss_fn(t.model.decode([c.to(t.device) for c in codes]), target.to(t.device), mask.to(t.device))
             total += float(loss) * target.shape[0]
             n += target.shape[0]
     total, n = t.group.sum([total, n])
@@ -403,15 +401,3 @@ def finish(t: Trainer) -> dict:
     console.print(f"[bold]{t.phase} done[/]: {t.out}/model.safetensors{best}")
     return t.state
 
-
-# TEMPORARY until the data layer's (codes, target, mask) batches and masked losses land
-def _triple(batch):
-    return (*batch, None)[:3]
-
-
-def _loss(loss_fn, pred, target, mask):
-    return loss_fn(pred, target) if mask is None else loss_fn(pred, target, mask)
-
-
-def _digest(sh):
-    return getattr(sh, "digest", None) or sh.path.name
