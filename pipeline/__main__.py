@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+# The commands that run on a GPU when there is one; each drives one device (the first it sees)
+# and, on a machine with several, first claims a free one of its own (pipeline/gpus.py).
+GPU_COMMANDS = ("train", "evaluate", "precompute-shard")
 
 
 def _json(s: str) -> dict:
@@ -96,12 +101,24 @@ def main(argv=None) -> int:
     c.add_argument("--seconds", type=float, default=20.0, help="audio seconds per measurement")
 
     a = p.parse_args(argv)
+    if a.command in GPU_COMMANDS and a.settings.get("device", "auto") != "cpu":
+        from .gpus import claim
+        claim(1)
+    _header(a.command)
     try:
         return _run(a) or 0
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         from .ui import console
         console.print(f"[bold red]error:[/] {e}")
         return 1
+
+
+def _header(command: str) -> None:
+    """Where a command runs, as its first line (stderr: stdout may carry JSON); in a job's log it
+    shows the host, the SLURM job and the GPUs the job was given."""
+    import socket
+    print(f"pipeline {command} on {socket.gethostname()}: SLURM_JOB_ID={os.environ.get('SLURM_JOB_ID', '-')} "
+          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '-')}", file=sys.stderr, flush=True)
 
 
 def _run(a) -> int | None:
