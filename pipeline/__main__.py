@@ -18,7 +18,40 @@ def _json(s: str) -> dict:
         raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
 
 
+class _OutlivesItsReader:
+    """stdout/stderr that survive the death of whoever reads them. SLURM signals every process of a
+    cancelled or preempted job at once: the rule's `| tee {log}` dies at the first SIGTERM, and a
+    trainer that checkpoints on SIGTERM must not die of a BrokenPipeError at its next print.
+    Output nobody can read any more goes to /dev/null."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self._stream.fileno())
+        os.close(null)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv=None) -> int:
+    if not isinstance(sys.stdout, _OutlivesItsReader):
+        sys.stdout, sys.stderr = _OutlivesItsReader(sys.stdout), _OutlivesItsReader(sys.stderr)
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
