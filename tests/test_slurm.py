@@ -267,6 +267,7 @@ def test_every_rule_is_a_slurm_job_and_gpu_rules_get_a_gpu(slurm_built):
 
 @pytest.mark.slurm
 @needs_slurm
+@pytest.mark.filterwarnings("ignore:Object at .snakemake_timestamp")     # zarr, on Snakemake's marker file
 def test_slurm_outputs_equal_the_local_run(slurm_built, built):
     """Same config, same code, same machine, same threads (2) per job: every tensor of final.pt and
     of each phase's model, every cache shard's codes and targets, and eval.json are equal, exactly
