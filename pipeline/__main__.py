@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+# The commands that run on a GPU when there is one; each drives one device (the first it sees)
+# and, on a machine with several, first claims a free one of its own (pipeline/gpus.py).
+GPU_COMMANDS = ("train", "evaluate", "precompute-shard")
 
 
 def _json(s: str) -> dict:
@@ -13,7 +18,40 @@ def _json(s: str) -> dict:
         raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
 
 
+class _OutlivesItsReader:
+    """stdout/stderr that survive the death of whoever reads them. SLURM signals every process of a
+    cancelled or preempted job at once: the rule's `| tee {log}` dies at the first SIGTERM, and a
+    trainer that checkpoints on SIGTERM must not die of a BrokenPipeError at its next print.
+    Output nobody can read any more goes to /dev/null."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self._stream.fileno())
+        os.close(null)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv=None) -> int:
+    if not isinstance(sys.stdout, _OutlivesItsReader):
+        sys.stdout, sys.stderr = _OutlivesItsReader(sys.stdout), _OutlivesItsReader(sys.stderr)
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -110,12 +148,25 @@ def main(argv=None) -> int:
 
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
+    knobs = {**getattr(a, "settings", {}), **getattr(a, "runtime", {})}
+    if a.command in GPU_COMMANDS and knobs.get("device", "auto") != "cpu":
+        from .gpus import claim
+        claim(knobs.get("nproc_per_node", 1))      # a phase under torchrun: one GPU per process
+    _header(a.command)
     try:
         return _run(a) or 0
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         from .ui import console
         console.print(f"[bold red]error:[/] {e}")
         return 1
+
+
+def _header(command: str) -> None:
+    """Where a command runs, as its first line (stderr: stdout may carry JSON); in a job's log it
+    shows the host, the SLURM job and the GPUs the job was given."""
+    import socket
+    print(f"pipeline {command} on {socket.gethostname()}: SLURM_JOB_ID={os.environ.get('SLURM_JOB_ID', '-')} "
+          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '-')}", file=sys.stderr, flush=True)
 
 
 def _run(a) -> int | None:

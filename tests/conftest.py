@@ -21,6 +21,18 @@ TINY_24K = dict(sampling_rate=24000, encoder_dim=4, encoder_rates=[2, 4, 8, 8], 
 
 
 @pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """The whole demo DAG (rule all, which includes results/phase11/final.pt) built once, locally,
+    with tests/workflow_util.py's FAST config: tests/test_workflow.py works on it and on copies of
+    it, tests/test_slurm.py compares the same demo run through SLURM with it."""
+    from workflow_util import make_tree, snakemake
+    root = make_tree(tmp_path_factory.mktemp("wf") / "tree")
+    r = snakemake(root, timeout=1500)
+    assert r.rc == 0, r.out[-6000:]
+    return root, r
+
+
+@pytest.fixture(scope="session")
 def tiny_codec_dir(tmp_path_factory):
     """A tiny SNAC saved as the official checkpoint layout (config.json + pytorch_model.bin)."""
     d = tmp_path_factory.mktemp("codec")

@@ -60,16 +60,7 @@ def exactly_once(keys: Counter) -> set:
     return set(keys)
 
 
-# ---- the one full build ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """The whole demo DAG (rule all, which includes results/phase11/final.pt) built once."""
-    root = make_tree(tmp_path_factory.mktemp("wf") / "tree")
-    r = snakemake(root, timeout=1500)
-    assert r.rc == 0, r.out[-6000:]
-    return root, r
-
-
+# ---- the one full build: the `built` fixture (conftest.py), shared with tests/test_slurm.py ----
 @pytest.fixture
 def copy_of(built, tmp_path):
     """A copy of the built tree to change things in (the fixture's tree stays untouched)."""
