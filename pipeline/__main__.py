@@ -17,6 +17,10 @@ def _json(s: str) -> dict:
         raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
 
 
+CHUNK_HELP = ("audio per chunk (default: CHUNK_SECONDS of pipeline/evaluation/chunked.py); memory "
+              "scales with it, not with the input's length")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,12 +92,15 @@ def main(argv=None) -> int:
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--device", default="auto")
+    c.add_argument("--chunk-seconds", type=float, default=None, help=CHUNK_HELP)
 
-    c = sub.add_parser("decode", help="decode codes (.npz, one int array per codebook) to audio")
+    c = sub.add_parser("decode", help="decode codes (.npz, one int array per codebook, coarsest first; "
+                                      "(batch, codes) arrays give OUTPUT-0, OUTPUT-1, ...) to audio")
     c.add_argument("--model", required=True)
     c.add_argument("codes")
     c.add_argument("output")
     c.add_argument("--device", default="auto")
+    c.add_argument("--chunk-seconds", type=float, default=None, help=CHUNK_HELP)
 
     c = sub.add_parser("bench", help="print throughput figures")
     c.add_argument("what", choices=["precompute", "train"])
@@ -211,10 +218,11 @@ def _run(a) -> int | None:
         evaluate(a.codec, a.heldout, dict(m.split("=", 1) for m in a.model), a.out, a.settings)
     elif a.command in ("resynth", "decode"):
         from .evaluation import infer
+        chunk = {} if a.chunk_seconds is None else {"chunk_seconds": a.chunk_seconds}
         if a.command == "resynth":
-            infer.resynth(a.model, a.input, a.output, a.device, a.lora)
+            infer.resynth(a.model, a.input, a.output, a.device, a.lora, **chunk)
         else:
-            infer.decode(a.model, a.codes, a.output, a.device)
+            infer.decode(a.model, a.codes, a.output, a.device, **chunk)
     elif a.command == "bench":
         from . import bench
         getattr(bench, a.what)(a.seconds)
