@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import json
 import os
 import sys
+import traceback
 
 # The commands that run on a GPU when there is one; each drives one device (the first it sees)
 # and, on a machine with several, first claims a free one of its own (pipeline/gpus.py).
@@ -47,6 +50,10 @@ class _OutlivesItsReader:
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
+
+
+CHUNK_HELP = ("audio per chunk (default: CHUNK_SECONDS of pipeline/evaluation/chunked.py); memory "
+              "scales with it, not with the input's length")
 
 
 def main(argv=None) -> int:
@@ -129,12 +136,15 @@ def main(argv=None) -> int:
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--device", default="auto")
+    c.add_argument("--chunk-seconds", type=float, default=None, help=CHUNK_HELP)
 
-    c = sub.add_parser("decode", help="decode codes (.npz, one int array per codebook) to audio")
+    c = sub.add_parser("decode", help="decode codes (.npz, one int array per codebook, coarsest first; "
+                                      "(batch, codes) arrays give OUTPUT-0, OUTPUT-1, ...) to audio")
     c.add_argument("--model", required=True)
     c.add_argument("codes")
     c.add_argument("output")
     c.add_argument("--device", default="auto")
+    c.add_argument("--chunk-seconds", type=float, default=None, help=CHUNK_HELP)
 
     c = sub.add_parser("bench", help="print throughput figures")
     c.add_argument("what", choices=["precompute", "train", "memory"])
@@ -155,9 +165,13 @@ def main(argv=None) -> int:
     _header(a.command)
     try:
         return _run(a) or 0
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except Exception as e:
+        msg = error_message(e)
+        if msg is None:
+            raise                    # a bug: its traceback is what a report needs
+        from rich.markup import escape
         from .ui import console
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
         return 1
 
 
@@ -167,6 +181,62 @@ def _header(command: str) -> None:
     import socket
     print(f"pipeline {command} on {socket.gethostname()}: SLURM_JOB_ID={os.environ.get('SLURM_JOB_ID', '-')} "
           f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '-')}", file=sys.stderr, flush=True)
+
+
+# ---- what a user sees when a command fails ----------------------------------------------------
+EXPECTED = (OSError, ValueError, RuntimeError)       # bad input, config or environment: one line
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXT = tuple(os.strerror(n) for n in DISK_FULL) + (
+    "unexpected pos",        # torch's zip writer (torch.save) after a short write
+    "file write failed",     # the same writer, other torch versions
+)
+WRITERS = {("torch.serialization", "save"): "f", ("safetensors.torch", "save_file"): "filename",
+           ("soundfile", "write"): "file", ("pathlib", "write_text"): "self", ("pathlib", "write_bytes"): "self"}
+
+
+def error_message(e: BaseException) -> str | None:
+    """One line for an expected error, None for anything else (a bug). A full disk, wherever it
+    surfaces (an OSError, torch's zip writer, safetensors), becomes 'disk full while writing FILE'."""
+    chain = _chain(e)
+    if any(isinstance(x, OSError) and x.errno in DISK_FULL for x in chain) or \
+            any(t in str(x) for x in chain for t in DISK_FULL_TEXT):
+        name = _written_file(chain)
+        return f"disk full while writing {name}" if name else f"disk full while writing a file ({_one_line(e)})"
+    if isinstance(e, EXPECTED) or type(e).__name__ == "SafetensorError":
+        return _one_line(e)
+    return None
+
+
+def _one_line(e) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def _chain(e) -> list:
+    out = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _written_file(chain) -> str | None:
+    """The file a failed write was writing: an OSError's filename, else (innermost frame first) an
+    open-for-writing file object, or the path argument of a known writer (torch.save, ...)."""
+    for x in chain:
+        if isinstance(x, OSError) and x.filename:
+            return os.fspath(x.filename)
+    for x in chain:
+        for frame, _ in reversed(list(traceback.walk_tb(x.__traceback__))):
+            for v in frame.f_locals.values():
+                name = getattr(v, "name", None)
+                if isinstance(v, io.IOBase) and isinstance(name, str) and not name.startswith("<") \
+                        and set(str(getattr(v, "mode", ""))) & set("wax+"):
+                    return name
+            arg = WRITERS.get((frame.f_globals.get("__name__"), frame.f_code.co_name))
+            v = frame.f_locals.get(arg) if arg else None
+            if isinstance(v, (str, os.PathLike)):
+                return os.fspath(v)
+    return None
 
 
 def _run(a) -> int | None:
@@ -224,10 +294,11 @@ def _run(a) -> int | None:
         evaluate(a.codec, a.heldout, dict(m.split("=", 1) for m in a.model), a.out, a.settings)
     elif a.command in ("resynth", "decode"):
         from .evaluation import infer
+        chunk = {} if a.chunk_seconds is None else {"chunk_seconds": a.chunk_seconds}
         if a.command == "resynth":
-            infer.resynth(a.model, a.input, a.output, a.device, a.lora)
+            infer.resynth(a.model, a.input, a.output, a.device, a.lora, **chunk)
         else:
-            infer.decode(a.model, a.codes, a.output, a.device)
+            infer.decode(a.model, a.codes, a.output, a.device, **chunk)
     elif a.command == "bench" and a.what == "memory":
         from .training.memory import report
         report(a.configfile)

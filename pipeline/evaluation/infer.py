@@ -1,53 +1,253 @@
-"""Inference with a trained 48 kHz model: resynthesis of any audio file, and decoding of codes."""
+"""Inference with a trained 48 kHz model: resynthesis of any audio file, and decoding of codes.
+
+Both work on inputs of any length in bounded memory: the input is read and resampled in blocks,
+encoded and decoded in overlapping chunks (`chunked.py`), and the output streamed to disk (to
+`OUT.part`, renamed when complete). Bad input is refused with a one-line ValueError naming the
+file and what is wrong with it.
+
+`decode` takes numpy.savez archives, one integer array per codebook, coarsest first (SNAC's order;
+keys sorted naturally: codes_0, codes_1, ... or arr_0, arr_1, ...). Arrays are 1-D (one clip) or
+2-D (batch, codes) with the same batch size B for every codebook: a batch is decoded clip by clip
+into OUT-0.wav ... OUT-{B-1}.wav (B = 1 writes OUT itself), never flattened into one clip.
+"""
 from __future__ import annotations
 
+import zipfile
+from pathlib import Path
+
 import numpy as np
+import soundfile as sf
+import soxr
 import torch
 
-from ..data import audio as A
+from ..data.audio import AudioError
 from ..model.codec import pick_device
-from ..model.snac48 import load_model
 from ..ui import console
+from .chunked import CHUNK_SECONDS, Chunker
+
+BLOCK = 1 << 16     # input frames read at a time
 
 
-@torch.inference_mode()
-def resynth(model_path, src, dst, device="auto", lora=None) -> None:
-    """Any audio file -> codec rate -> frozen encoder -> codes -> new decoder -> target-rate WAV,
-    optionally through a LoRA adapter (lora_weights.safetensors) applied on top of the model."""
-    dev = pick_device(device)
-    model = load_model(model_path, dev)
+def load(model_path, device="auto", lora=None):
+    """A trained model (folder or final.pt), optionally with a LoRA adapter applied."""
+    from ..model.snac48 import load_model
+    path, dev = Path(model_path), pick_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available")
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist")
+    try:
+        model = load_model(path, dev)
+    except (OSError, ValueError):
+        raise
+    except Exception as e:   # unpickling, safetensors and state-dict errors come in many types
+        raise ValueError(f"{path}: not a model folder or final.pt ({type(e).__name__}: {_first_line(e)})") from None
     if lora:
-        loaded, skipped = model.load_lora(lora)
+        try:
+            loaded, skipped = model.load_lora(lora)
+        except (OSError, ValueError):
+            raise
+        except Exception as e:
+            raise ValueError(f"{lora}: not a loadable LoRA file ({type(e).__name__}: {_first_line(e)})") from None
         if skipped:
             raise ValueError(f"{lora}: {len(skipped)} adapter tensors do not fit this model, e.g. {skipped[:3]}")
         console.print(f"LoRA {lora}: {len(loaded)} tensors")
-    g = model.geometry
-    x, sr = A.read_mono(src)
-    x = A.resample(x, sr, g.codec_rate)
-    codes = model.encode(torch.from_numpy(x)[None, None].to(dev))
-    y = model.decode(codes)[0, 0].float().cpu().numpy()[: len(x) * g.target_rate // g.codec_rate]
-    A.write_wav(dst, np.clip(y, -1, 1), g.target_rate)
-    console.print(f"{src} ({sr} Hz, {len(x) / g.codec_rate:.2f} s) -> {dst} ({g.target_rate} Hz)")
+    return model
 
 
-@torch.inference_mode()
-def decode(model_path, codes_path, dst, device="auto") -> None:
-    """Codes saved with numpy.savez as one int array per codebook (coarsest first, SNAC's order;
-    keys sorted naturally: codes_0, codes_1, ... or arr_0, arr_1, ...) -> target-rate WAV."""
-    dev = pick_device(device)
-    model = load_model(model_path, dev)
+def resynth(model_path, src, dst, device="auto", lora=None, chunk_seconds=CHUNK_SECONDS) -> None:
+    """Any audio file -> codec rate -> frozen encoder -> codes -> new decoder -> target-rate file,
+    optionally through a LoRA adapter (lora_weights.safetensors) applied on top of the model."""
+    fmt = output_format(dst)
+    rate = probe(src)
+    model = load(model_path, device, lora)
     g = model.geometry
-    with np.load(codes_path) as z:
-        keys = sorted(z.files, key=lambda k: (len(k), k))
-        arrays = [np.asarray(z[k]).reshape(-1) for k in keys]
-    if len(arrays) != g.n_codebooks:
-        raise ValueError(f"{codes_path}: {len(arrays)} arrays, the codec has {g.n_codebooks} codebooks")
-    frames = {len(a) * s for a, s in zip(arrays, g.strides)}
-    if len(frames) != 1:
-        raise ValueError(f"{codes_path}: lengths {[len(a) for a in arrays]} do not fit strides {g.strides}")
-    if any(a.min() < 0 or a.max() >= g.codebook_size for a in arrays):
-        raise ValueError(f"{codes_path}: codes outside [0, {g.codebook_size})")
-    codes = [torch.from_numpy(a.astype(np.int64))[None].to(dev) for a in arrays]
-    y = model.decode(codes)[0, 0].float().cpu().numpy()
-    A.write_wav(dst, np.clip(y, -1, 1), g.target_rate)
-    console.print(f"{codes_path}: {frames.pop()} frames -> {dst} ({len(y) / g.target_rate:.2f} s at {g.target_rate} Hz)")
+    if rate < g.target_rate:
+        console.print(f"note: {src} is {rate} Hz: the output above {rate / 2:g} Hz (its Nyquist frequency) "
+                      "is invented by the decoder, not recovered from the source", soft_wrap=True)
+    chunker = Chunker(model, chunk_seconds)
+    try:
+        codes, n = chunker.encode(read_blocks(src, g.codec_rate))
+    except AudioError as e:
+        raise ValueError(f"{src}: {e}") from None
+    write(dst, fmt, g.target_rate, chunker.decode(codes), n * g.hop_target // g.hop)
+    console.print(f"{src} ({rate} Hz, {n / g.codec_rate:.2f} s) -> {dst} ({g.target_rate} Hz)", soft_wrap=True)
+
+
+def decode(model_path, codes_path, dst, device="auto", chunk_seconds=CHUNK_SECONDS) -> None:
+    """Codes (.npz, see the module docstring) -> one target-rate file per clip."""
+    fmt = output_format(dst)
+    model = load(model_path, device)
+    g = model.geometry
+    batch = read_codes(codes_path, g)
+    dst = Path(dst)
+    outs = [dst] if len(batch[0]) == 1 else [dst.with_name(f"{dst.stem}-{k}{dst.suffix}") for k in range(len(batch[0]))]
+    chunker = Chunker(model, chunk_seconds)
+    for k, out in enumerate(outs):
+        codes = [torch.from_numpy(a[k:k + 1].astype(np.int64)) for a in batch]
+        frames = codes[-1].shape[-1] * g.strides[-1]
+        write(out, fmt, g.target_rate, chunker.decode(codes))
+        console.print(f"{codes_path}: {frames} frames -> {out} ({frames * g.hop_target / g.target_rate:.2f} s "
+                      f"at {g.target_rate} Hz)", soft_wrap=True)
+
+
+# ---- input ------------------------------------------------------------------------------------
+def probe(src) -> int:
+    """The sample rate of an audio file, or a ValueError saying why it cannot be used."""
+    p = Path(src)
+    reason = ("is a directory, not an audio file" if p.is_dir() else "missing file" if not p.exists()
+              else "zero-length file" if p.stat().st_size == 0 else None)
+    if reason is None:
+        try:
+            info = sf.info(str(p))
+        except Exception as e:   # libsndfile errors come in several types
+            reason = f"unreadable audio: {_first_line(e) or type(e).__name__}"
+        else:
+            reason = "zero-length audio" if info.frames == 0 else None
+    if reason:
+        raise ValueError(f"{src}: {reason}")
+    return int(info.samplerate)
+
+
+def read_blocks(src, rate: int, quality: str = "HQ"):
+    """Mono float32 blocks of an audio file at `rate`: read and resampled in pieces (soxr's
+    streaming resampler gives the one-shot result), so a long file never sits in memory whole."""
+    try:
+        with sf.SoundFile(str(src)) as f:
+            rs = None if f.samplerate == rate else soxr.ResampleStream(f.samplerate, rate, 1, "float32", quality)
+            for x in f.blocks(BLOCK, dtype="float32", always_2d=True):
+                x = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
+                if not np.isfinite(x).all():
+                    raise AudioError("NaN/Inf samples")
+                yield rs.resample_chunk(x) if rs else x
+            if rs:
+                yield rs.resample_chunk(np.zeros(0, np.float32), last=True)
+    except sf.SoundFileRuntimeError as e:
+        raise AudioError(f"unreadable audio: {_first_line(e)}") from None
+
+
+def read_codes(path, geo) -> list:
+    """One (B, T_i) integer array per codebook, checked against the codec's geometry."""
+    path, hint = Path(path), "numpy.savez of one int array per codebook, coarsest first"
+    if not path.is_file():
+        raise ValueError(f"{path}: {'is a directory' if path.is_dir() else 'missing file'}, expected {hint}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not an .npz archive (expected {hint})")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = sorted(z.files, key=lambda k: (len(k), k))
+            arrays = [np.asarray(z[k]) for k in keys]
+    except Exception as e:   # damaged zip members, pickled objects, bad headers
+        raise ValueError(f"{path}: unreadable .npz ({type(e).__name__}: {_first_line(e)})") from None
+    if len(arrays) != geo.n_codebooks:
+        raise ValueError(f"{path}: {len(arrays)} arrays {keys}, the codec has {geo.n_codebooks} codebooks "
+                         f"(expected {hint})")
+    for k, a in zip(keys, arrays):
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise ValueError(f"{path}: {k} holds NaN/Inf: codes are integer indices in [0, {geo.codebook_size})")
+    for k, a in zip(keys, arrays):
+        where = f"{path}: {k}"
+        if a.dtype.kind not in "iu":
+            raise ValueError(f"{where} is {a.dtype}, not integers: codes are integer indices in "
+                             f"[0, {geo.codebook_size}) (cast with .astype(int) if the values are whole)")
+        if a.ndim not in (1, 2):
+            raise ValueError(f"{where} has shape {a.shape}: expected (codes,) or (batch, codes)")
+        if a.size == 0:
+            raise ValueError(f"{where} is empty (shape {a.shape})")
+        if a.min() < 0 or a.max() >= geo.codebook_size:
+            raise ValueError(f"{where} has codes outside [0, {geo.codebook_size}): min {a.min()}, max {a.max()}")
+    shapes = [a.shape for a in arrays]
+    if len({a.ndim for a in arrays}) > 1 or len({a.shape[0] for a in arrays if a.ndim == 2}) > 1:
+        raise ValueError(f"{path}: shapes {shapes} mix clips and batches; every codebook needs the same "
+                         "(codes,) or (batch, codes) layout")
+    arrays = [a if a.ndim == 2 else a[None] for a in arrays]
+    lens = [a.shape[1] for a in arrays]
+    if len({n * s for n, s in zip(lens, geo.strides)}) != 1:
+        raise ValueError(f"{path}: shapes {shapes} do not fit the codec's strides {list(geo.strides)} (codebook i "
+                         "holds frames / stride_i codes; a 2-D array is (batch, codes))")
+    frames = lens[-1] * geo.strides[-1]
+    if frames % geo.quantum:
+        raise ValueError(f"{path}: {frames} finest frames is not a multiple of {geo.quantum} (SNAC's local "
+                         f"attention works on whole windows of {geo.attn_window} frames)")
+    return arrays
+
+
+# ---- output -----------------------------------------------------------------------------------
+def output_format(dst) -> str:
+    """The soundfile format for an output path (from its extension), checked before any work."""
+    dst = Path(dst)
+    fmt = dst.suffix[1:].upper()
+    if dst.is_dir():
+        raise ValueError(f"{dst} is a directory; give an output file name")
+    if fmt not in sf.available_formats():
+        raise ValueError(f"{dst}: unknown output format {dst.suffix!r} (use .wav or .flac, or another "
+                         "extension libsndfile writes)")
+    return fmt
+
+
+class _Sink:
+    """The output file as soundfile's virtual I/O: libsndfile reports a failed write only as
+    'System error'; this keeps the OSError (a full disk says so) to raise it with the file's name."""
+
+    def __init__(self, f, name: str):
+        self.f, self.name, self.error = f, name, None
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            self.error = self.error or e
+            return 0
+
+    def write(self, data):
+        done = 0
+        while done < len(data):          # a short write, retried, raises the reason
+            k = self._guard(self.f.write, data[done:])
+            if not k:
+                break
+            done += k
+        return done
+
+    def seek(self, offset, whence=0):
+        return self._guard(self.f.seek, offset, whence)
+
+    def read(self, n=-1):
+        return self._guard(self.f.read, n) or b""
+
+    def tell(self):
+        return self.f.tell()
+
+    def check(self):
+        if self.error is not None:
+            e = self.error
+            raise OSError(e.errno, e.strerror, self.name) from e
+
+
+def write(dst, fmt: str, rate: int, pieces, n: int | None = None) -> int:
+    """Stream 1-D float pieces (clipped to [-1, 1]) into a mono file, the first `n` samples only
+    if given; written to DST.part and renamed when complete. Returns the samples written."""
+    dst = Path(dst)
+    part, done = dst.with_name(dst.name + ".part"), 0
+    try:
+        with open(part, "w+b", buffering=0) as f:
+            sink = _Sink(f, str(dst))
+            try:
+                with sf.SoundFile(sink, "w", rate, 1, format=fmt) as out:
+                    for y in pieces:
+                        y = y if n is None else y[:n - done]
+                        out.write(np.clip(y, -1.0, 1.0))
+                        done += len(y)
+                        sink.check()
+            except (sf.SoundFileRuntimeError, AssertionError) as e:   # soundfile asserts on a short write
+                sink.check()
+                raise RuntimeError(f"writing {dst} failed: {_first_line(e) or type(e).__name__}") from None
+            sink.check()
+        part.replace(dst)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return done
+
+
+def _first_line(e) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
