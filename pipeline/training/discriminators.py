@@ -183,24 +183,30 @@ class Adversarial:
     def _new_band(self, outs: list) -> list:
         return [logits[-1] for _, logits in outs[len(self.discriminator.periods):]]
 
-    def discriminator_step(self, real, fake, mask=None) -> dict:
-        """One optimizer step of the discriminators on (real, fake.detach()); -> logged terms."""
+    def discriminator_step(self, real, fake, mask=None, part=(0, 1)) -> dict:
+        """The discriminators learn on (real, fake.detach()); -> logged terms. With gradient
+        accumulation, part=(i, n) is micro-batch i of n: gradients accumulate and the optimizer
+        steps after the last one, so discriminator and generator take one step each."""
+        i, n = part
         with torch.autocast(real.device.type, enabled=False):
             real, fake = self._inputs(real, fake.detach(), mask)
             out_r, out_f = self.discriminator(real), self.discriminator(fake)
             loss = sum(d_loss(self.kind, flat(r), flat(f)) for (_, r), (_, f) in zip(out_r, out_f))
             new = [d_loss(self.kind, r, f) for r, f in zip(self._new_band(out_r), self._new_band(out_f))]
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if i == 0:
+                self.opt.zero_grad(set_to_none=True)
+            (loss / n).backward()
+        terms = {"adv/d_loss": loss.detach()}
+        if new:
+            terms["adv/d_new_band"] = (sum(new) / len(new)).detach()
+        if i == n - 1:
             if self.sync:
                 self.sync(self.params)
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.s["grad_clip"] or math.inf)
             if torch.isfinite(norm):            # a non-finite step would poison the discriminators
                 self.opt.step()
             self.sched.step()
-        terms = {"adv/d_loss": loss.detach(), "adv/d_grad_norm": norm.detach(), "adv/d_lr": self.sched.get_last_lr()[0]}
-        if new:
-            terms["adv/d_new_band"] = (sum(new) / len(new)).detach()
+            terms.update({"adv/d_grad_norm": norm.detach(), "adv/d_lr": self.sched.get_last_lr()[0]})
         return terms
 
     def generator_loss(self, real, fake, mask=None):

@@ -8,7 +8,8 @@ On CPU it is an estimate, and labelled so: the tensors autograd saves for the ba
 counted (each storage once) on a probe of one segment of a few seconds, attributed to the decoder
 layer that saved them and scaled to batch_size x segment_seconds, under the same precision split
 as on CUDA (CPU bf16 autocast stands in); weights, gradients and AdamW's two moments are added
-(the discriminators' too). With activation checkpointing a decoder block keeps only its input, and
+(the discriminators' too; their own step and the generator's adversarial pass do not overlap).
+With activation checkpointing a decoder block keeps only its input, and
 the largest block's activations come back during its backward. Allocator fragmentation, cuDNN
 workspaces and temporaries that are not saved for backward are not counted: leave headroom.
 """
@@ -47,12 +48,15 @@ def random_batch(geo, batch: int, frames: int, device):
     return codes, 0.1 * torch.randn(batch, 1, frames * geo.hop_target, device=device)
 
 
-def step(model, trainable, loss_fn, adv, codes, target, opt=None):
-    """One training step as the trainer takes it (discriminators included)."""
+def step(model, trainable, loss_fn, adv, codes, target, opt=None, mark=lambda part: None):
+    """One training step as the trainer takes it (discriminators included); `mark` is told which
+    part runs."""
     pred = model.decode(codes)
     loss, _ = loss_fn(pred, target)
     if adv:
+        mark("discriminator step")
         adv.discriminator_step(target, pred)
+        mark("generator adversarial")
         loss = loss + adv.generator_loss(target, pred)[0]
     loss.backward()
     if opt:
@@ -106,11 +110,14 @@ def estimate_cpu(codec_config: dict, target_rate: int, s: dict, probe_seconds: f
              for h in (m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave))]
     codes, target = random_batch(geo, 1, probe, "cpu")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step(model, trainable, loss_fn, adv, codes, target)
+        step(model, trainable, loss_fn, adv, codes, target, mark=lambda part: where.__setitem__(0, part))
     for h in hooks:
         h.remove()
     blocks = [n for n, m in layers.items() if type(m).__name__ == "DecoderBlock"]
-    activations = sum(saved.values())
+    # the discriminators' step is over (its activations freed) before the generator's adversarial
+    # pass, while the decoder's graph lives through both
+    d_step, g_adv = saved.pop("discriminator step", 0), saved.pop("generator adversarial", 0)
+    activations = sum(saved.values()) + max(d_step, g_adv)
     if checkpointing:        # a block keeps its input; its activations return during its backward
         activations += sum(inputs[n] for n in blocks) - sum(saved.get(n, 0) for n in blocks)
         activations += max(saved.get(n, 0) for n in blocks)

@@ -274,7 +274,7 @@ def train_step(t: Trainer, step: int) -> dict:
     s, st = t.s, t.state
     t.model.train()
     t.opt.zero_grad(set_to_none=True)
-    sums, finite, seconds = {}, True, 0.0
+    terms_seen, finite, seconds = {}, True, 0.0      # term -> values over the micro-batches
     for i in range(s["grad_accum"]):
         codes, target, mask = next(t.batches)
         codes, target, mask = [c.to(t.device) for c in codes], target.to(t.device), mask.to(t.device)
@@ -282,8 +282,8 @@ def train_step(t: Trainer, step: int) -> dict:
         with t.decoder.no_sync() if t.group.world > 1 and i < s["grad_accum"] - 1 else nullcontext():
             pred = t.decoder(t.model.quantizer.from_codes(codes))
             loss, terms = t.loss_fn(pred, target, mask)
-            if t.adv and t.adv.active(step):        # the discriminators learn on every micro-batch
-                terms.update(t.adv.discriminator_step(target, pred, mask))
+            if t.adv and t.adv.active(step):        # one discriminator step per optimizer step
+                terms.update(t.adv.discriminator_step(target, pred, mask, part=(i, s["grad_accum"])))
                 g, g_terms = t.adv.generator_loss(target, pred, mask)
                 loss, terms = loss + g, {**terms, **g_terms}
             # backward even when not finite: every process runs the same collectives, and the NaN
@@ -292,7 +292,7 @@ def train_step(t: Trainer, step: int) -> dict:
         finite &= bool(torch.isfinite(loss))
         seconds += float(mask.sum()) / t.rate        # real audio seen: padding does not count
         for k, v in {"loss": loss.detach(), **terms}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / s["grad_accum"]
+            terms_seen.setdefault(k, []).append(float(v))
     gnorm = torch.nn.utils.clip_grad_norm_(t.trainable, s["grad_clip"] or float("inf"))
     if torch.isfinite(gnorm):
         t.opt.step()
@@ -313,7 +313,7 @@ def train_step(t: Trainer, step: int) -> dict:
     record = {"step": step, "lr": t.sched.get_last_lr()[0], "segments_seen": st["segments_seen"],
               "seconds_seen": round(st["seconds_seen"], 3), "nonfinite_total": st["nonfinite_total"]}
     if torch.isfinite(gnorm) and (step % s["log_every"] == 0 or step == s["steps"]):
-        record.update({f"train/{k}": v for k, v in sums.items()}, grad_norm=float(gnorm),
+        record.update({f"train/{k}": sum(v) / len(v) for k, v in terms_seen.items()}, grad_norm=float(gnorm),
                       segments_per_s=t.timer["segments"] / max(time.time() - t.timer["t0"], 1e-9))
     return record
 
