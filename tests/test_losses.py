@@ -162,13 +162,17 @@ def test_windows_are_non_persistent_buffers():
 
 
 def test_bf16_autocast_computes_in_float32():
+    """Inside bf16 autocast the losses compute exactly what they compute outside it (without the
+    guard, the mel filterbank's matmul would run in bf16 and the totals would differ)."""
     x = broadband(batch=1, seconds=0.1)
     pred = (x + 0.05 * torch.randn_like(x)).requires_grad_(True)
     loss_fn = ReconstructionLoss(SR, LAMBDAS, n_ffts=SMALL_FFTS)
+    outside, _ = loss_fn(pred, x)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        total, _ = loss_fn(pred.bfloat16(), x.bfloat16())
-    assert total.dtype == torch.float32 and torch.isfinite(total)
-    total.backward()
+        inside, _ = loss_fn(pred, x)
+        from_bf16, _ = loss_fn(pred.bfloat16(), x.bfloat16())
+    assert inside.dtype == from_bf16.dtype == torch.float32 and torch.equal(inside, outside)
+    from_bf16.backward()
     assert torch.isfinite(pred.grad).all()
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import TINY_24K, speechlike, write_audio, write_manifest
 
+from pipeline.data import audio as A
 from pipeline.data import cache as C
 from pipeline.data.alignment import check_shard
 from pipeline.model.codec import geometry, load_codec, save_codec, state_digest
@@ -170,8 +171,14 @@ def test_low_rate_policies(tiny_codec_dir, tmp_path):
     torch.jit.script(Repeat()).save(str(tmp_path / "bwe.pt"))
     run_shard(m, 0, 1, tiny_codec_dir, tmp_path / "bwe.zarr",
               {"low_rate_policy": "bwe", "bwe_model": str(tmp_path / "bwe.pt")})
-    sh = C.Shard(tmp_path / "bwe.zarr")
-    assert len(sh) == 1 and not sh.table["bandlimited"][0] and sh.table["source_rate"][0] == 16000
+    bwe = C.Shard(tmp_path / "bwe.zarr")
+    assert len(bwe) == 1 and not bwe.table["bandlimited"][0] and bwe.table["source_rate"][0] == 16000
+    # the cached target is the extender's output (codec-rate input held for 2 samples), not a resampling
+    x, sr = A.read_mono(tmp_path / "low.wav")
+    want = A.to_int16(np.repeat(A.resample(x, sr, bwe.geometry.codec_rate), 2))[0]
+    n = int(bwe.table["samples"][0])
+    assert n == len(want) and np.array_equal(bwe.utterance(0)[1][:n], want)
+    assert not np.array_equal(sh.utterance(0)[1][:n], want)        # keep_bandlimited cached another target
 
 
 def test_cache_info_cli_and_disagreeing_shards(good_cache, tmp_path):
