@@ -153,6 +153,8 @@ def main(argv=None) -> int:
                    help="train: hours of synthetic cache, built once under results/bench/ and reused")
     c.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="train: loader worker counts to measure")
     c.add_argument("--segment-seconds", type=float, default=4.0, help="train: segment length")
+    c.add_argument("--nproc-per-node", type=int, default=None,
+                   help="train: compare a training phase run as 1 and as N processes (DDP) instead")
     c.add_argument("--configfile", nargs="+", default=["config/snac_24khz.yaml"],
                    help="memory: the preset(s) to size, layered over config/config.yaml")
 
@@ -304,7 +306,9 @@ def _run(a) -> int | None:
         report(a.configfile)
     elif a.command == "bench":
         from . import bench
-        if a.what == "train":
+        if a.what == "train" and a.nproc_per_node:
+            bench.processes(a.nproc_per_node)
+        elif a.what == "train":
             bench.train(a.cache_hours, a.workers, a.segment_seconds)
         else:
             getattr(bench, a.what)(a.seconds)

@@ -223,3 +223,46 @@ def train(cache_hours: float = 1.0, workers=(0, 1, 2), segment_seconds: float = 
     console.print(t)
     console.print(f"trainer: demo-size decoder fwd/bwd + masked loss, batch {batch_size}, {steps} steps after one "
                   "warm-up; a GPU trainer is far faster: compare its segments/s with the loader's per worker")
+
+
+def processes(nproc: int, rounds: int = 3, steps: int = 16, batch_size: int = 4) -> None:
+    """Segments/s of a training phase run as 1 and as `nproc` processes (torchrun + DDP; gloo on
+    CPU), side by side: the same phase through `python -m pipeline train`, alternating rounds."""
+    import json
+    import subprocess
+    import sys
+
+    from .data.demo import generate_demo
+    from .data.precompute import run_shard
+    from .settings import PHASE_DEFAULTS, TRAIN_DEFAULTS, merge, run_settings, runtime_settings
+    if batch_size % nproc:
+        raise ValueError(f"batch {batch_size} does not split over {nproc} processes")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate_demo(tmp / "demo", seed=1, n_train=8, n_heldout=2, min_seconds=2.0, max_seconds=3.0)
+        save_codec(build_codec(_demo_config(), 0), tmp / "codec")
+        run_shard(tmp / "demo/manifest.jsonl", 0, 1, tmp / "codec", tmp / "cache/shard-000.zarr")
+        run_shard(tmp / "demo/heldout.jsonl", 0, 1, tmp / "codec", tmp / "heldout/shard-000.zarr")
+        geo = geometry(_demo_config(), 2 * _demo_config()["sampling_rate"])
+        s = merge(merge(TRAIN_DEFAULTS, PHASE_DEFAULTS["full"]),
+                  {"steps": steps, "batch_size": batch_size, "segment_seconds": 1.0, "warmup_steps": 1,
+                   "val_every": 10 ** 6, "ckpt_every": 10 ** 6, "log_every": 1, "num_workers": 0,
+                   "n_ffts": [512, 1024, 2048]})
+        rates = {1: [], nproc: []}
+        for r in range(rounds):
+            for n in rates:
+                out = tmp / f"run-{r}-{n}"
+                cmd = [sys.executable, "-m", "pipeline", "train", "--phase", "full", "--settings",
+                       json.dumps(run_settings(s)), "--runtime", json.dumps({**runtime_settings(s), "nproc_per_node": n}),
+                       "--codec", str(tmp / "codec"), "--target-rate", str(geo.target_rate),
+                       "--cache", str(tmp / "cache/shard-000.zarr"), "--heldout", str(tmp / "heldout/shard-000.zarr"),
+                       "--out", str(out)]
+                subprocess.run(cmd, check=True, capture_output=True)
+                rates[n].append(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["segments_per_s"])
+    t = Table(title=f"training segments/s, demo-size decoder (full phase), batch {batch_size} x 1 s, {steps} steps, "
+                    f"CPU/gloo, {os.cpu_count()} cores (median (min-max) of {rounds} alternating rounds)")
+    for c in ("processes", "segments/s", "vs 1 process"):
+        t.add_column(c, justify="right")
+    for n, v in rates.items():
+        t.add_row(str(n), _spread(v), f"{statistics.median(v) / statistics.median(rates[1]):.2f}x")
+    console.print(t)

@@ -336,6 +336,18 @@ def test_bf16_split_keeps_the_new_band_45_db_above_its_error():
     assert band_snr(ref, everything, g.target_rate, g.codec_rate / 2, g.target_rate / 2) < 45.0
 
 
+def test_memory_estimate_counts_what_checkpointing_saves():
+    """`bench memory` on the CPU: saved activations scale with the micro-batch, and activation
+    checkpointing keeps only the blocks' inputs (plus the largest block's activations)."""
+    from pipeline.training.memory import estimate_cpu
+    s = settings(segment_seconds=0.5, groups=[{"pattern": "decoder"}])
+    base = estimate_cpu(TINY_24K, 48000, s, probe_seconds=0.25)
+    double = estimate_cpu(TINY_24K, 48000, {**s, "batch_size": 2 * s["batch_size"]}, probe_seconds=0.25)
+    light = estimate_cpu(TINY_24K, 48000, {**s, "activation_checkpointing": True}, probe_seconds=0.25)
+    assert double["activations_gib"] == pytest.approx(2 * base["activations_gib"])
+    assert light["activations_gib"] < 0.7 * base["activations_gib"] and light["state_gib"] == base["state_gib"]
+
+
 def test_schedules():
     cos = lr_lambda(settings(steps=100, warmup_steps=10, lr_min_ratio=0.1, schedule="cosine"))
     wsd = lr_lambda(settings(steps=100, warmup_steps=10, lr_min_ratio=0.1, schedule="wsd", decay_ratio=0.2))

@@ -26,6 +26,7 @@ from .discriminators import Adversarial
 from .losses import ReconstructionLoss
 
 GIB = 1024 ** 3
+GPU_GB = 80          # an H100's memory: the preset must fit it with 10 % headroom
 
 
 def build(codec_config: dict, target_rate: int, s: dict, device):
@@ -162,7 +163,8 @@ def report(configfiles: list) -> list:
     phases.update({f"lora:{a}": adapter_settings(cfg, a) for a in lora_adapters(cfg)[0]})
     how = "measured" if torch.cuda.is_available() else "estimated on the CPU from saved tensors (no GPU here)"
     t = Table(title=f"peak training memory per process, {how}: {' '.join(map(str, configfiles))} ({source})")
-    for c in ("phase", "micro-batch", "grad_accum", "checkpointing", "precision", "adversarial", "peak GiB"):
+    for c in ("phase", "micro-batch", "grad_accum", "checkpointing", "precision", "adversarial", "peak GiB",
+              f"fits {GPU_GB:g} GB - 10 %"):
         t.add_column(c)
     rows = []
     for name, s in phases.items():
@@ -170,6 +172,6 @@ def report(configfiles: list) -> list:
         rows.append({"phase": name, **r})
         t.add_row(name, f"{s['batch_size'] // s['nproc_per_node']} x {s['segment_seconds']} s", str(s["grad_accum"]),
                   str(s["activation_checkpointing"]), s["precision"], str(s["adversarial"]["enabled"]),
-                  f"{r['peak_gib']:.1f}")
+                  f"{r['peak_gib']:.1f}", "yes" if r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9 else "[red]no")
     console.print(t)
     return rows
