@@ -25,13 +25,10 @@ import yaml
 from rich.table import Table
 
 from .data import audio as A
-from .model.codec import build_codec, geometry, save_codec
+from .model.codec import OFFICIAL_CONFIGS, build_codec, geometry, save_codec
 from .settings import PRECOMPUTE_DEFAULTS
 from .ui import console, progress
 
-SNAC_24KHZ = dict(sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
-                  decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096, codebook_dim=8,
-                  vq_strides=[4, 2, 1], noise=True, depthwise=True)
 BENCH_DIR = Path("results/bench")
 TARGET_RATE = PRECOMPUTE_DEFAULTS["target_rate"]
 
@@ -56,7 +53,7 @@ def precompute(seconds: float = 20.0) -> None:
         tmp = Path(tmp)
         generate_demo(tmp / "demo", seed=1, n_train=max(4, int(seconds / 2.5)), n_heldout=0)
         results = {}
-        for name, cfg in (("demo", _demo_config()), ("snac_24khz size", SNAC_24KHZ)):
+        for name, cfg in (("demo", _demo_config()), ("snac_24khz size", OFFICIAL_CONFIGS[TARGET_RATE // 2])):
             save_codec(build_codec(cfg, 0), tmp / name)
             st = run_shard(tmp / "demo" / "manifest.jsonl", 0, 1, tmp / name, tmp / f"{name}.zarr",
                            {"device": "cpu", "target_rate": TARGET_RATE})
@@ -243,7 +240,7 @@ def processes(nproc: int, rounds: int = 3, steps: int = 16, batch_size: int = 4)
         save_codec(build_codec(_demo_config(), 0), tmp / "codec")
         run_shard(tmp / "demo/manifest.jsonl", 0, 1, tmp / "codec", tmp / "cache/shard-000.zarr")
         run_shard(tmp / "demo/heldout.jsonl", 0, 1, tmp / "codec", tmp / "heldout/shard-000.zarr")
-        geo = geometry(_demo_config(), 2 * _demo_config()["sampling_rate"])
+        geo = geometry(_demo_config(), TARGET_RATE)
         s = merge(merge(TRAIN_DEFAULTS, PHASE_DEFAULTS["full"]),
                   {"steps": steps, "batch_size": batch_size, "segment_seconds": 1.0, "warmup_steps": 1,
                    "val_every": 10 ** 6, "ckpt_every": 10 ** 6, "log_every": 1, "num_workers": 0,

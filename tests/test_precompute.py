@@ -34,7 +34,7 @@ def test_official_layout_loads_and_codes_equal_snac_encode(tiny_codec_dir, tmp_p
     x = torch.from_numpy(speechlike(1.3, 24000, seed=1))[None, None]
     from pipeline.data.precompute import encode_items
     item = {"x": x[0, 0].numpy()}
-    encode_items(ours, geometry(ours), [item], 64.0, "cpu")
+    encode_items(ours, geometry(ours, 48000), [item], 64.0, "cpu")
     with torch.inference_mode():
         expect = ref.encode(x)
     assert len(item["codes"]) == 3

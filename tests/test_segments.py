@@ -61,7 +61,7 @@ def test_short_utterances_are_padded_and_masked(cache):
 
 def test_silence_codes_are_what_the_encoder_gives_for_silence(tiny_codec_dir):
     codec = load_codec(tiny_codec_dir)
-    geo = geometry(codec)
+    geo = geometry(codec, 48000)
     codes = encode_same_length(codec, np.zeros((1, 24 * geo.pad_to), np.float32), "cpu")
     frames = 24 * geo.pad_to // geo.hop
     for c, s, want in zip(codes, geo.strides, silence_codes(codec, geo, "cpu")):

@@ -70,7 +70,7 @@ class Geometry:
         return math.ceil(n_codec_samples / self.pad_to) * self.pad_to // self.hop
 
 
-def geometry(model_or_config, target_rate: int = 48000) -> Geometry:
+def geometry(model_or_config, target_rate: int) -> Geometry:
     cfg = model_or_config if isinstance(model_or_config, dict) else snac_config(model_or_config)
     rate = int(cfg["sampling_rate"])
     hop = int(np.prod(cfg["encoder_rates"]))
