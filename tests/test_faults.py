@@ -213,6 +213,16 @@ def test_typo_under_demo_codec_fails_at_parse_time(code_tree, override, key, whe
     assert not (code_tree / "results").exists()
 
 
+def test_n_fft_larger_than_a_segment_is_refused_at_parse_time(code_tree):
+    """Before: `n_ffts: [65536]` with 0.5 s segments was silently clamped and the pipeline ran.
+    Now the config is refused before any job, naming the phase's key and the segment's size."""
+    (code_tree / "nfft.yaml").write_text("train: {full: {n_ffts: [512, 65536], segment_seconds: 0.5}}\n")
+    r = snakemake(code_tree, configfiles=("fast.yaml", "nfft.yaml"), extra=("-n",))
+    assert r.rc != 0 and not r.jobs, r.out[-3000:]
+    assert "train.full.n_ffts: [65536] exceed a training segment of" in " ".join(r.out.split()), r.out[-3000:]
+    assert not (code_tree / "results").exists()
+
+
 def test_demo_codec_schema_lists_what_the_code_takes():
     """The schema's keys are exactly SNAC's constructor arguments and the loss terms, and the
     embedded config passes it (a wrong type fails)."""
