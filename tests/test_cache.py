@@ -87,7 +87,7 @@ def test_writer_refuses_the_missing_chunk_sentinel_and_a_stale_lock_does_not_blo
     out = tmp_path / "s.zarr"
     (tmp_path / "s.zarr.lock").write_text("PID 999999 on a host that died\n")   # nobody holds it
     w = C.ShardWriter(out, sh.fingerprint, sh.silence_codes)
-    with pytest.raises(C.CacheError, match=f"PID {os.getpid()}"):
+    with pytest.raises(C.CacheError, match=f"pid {os.getpid()}"):
         C.ShardLock(out)                                   # held by this writer
     bad = audio.copy()
     bad[5] = C.AUDIO_FILL

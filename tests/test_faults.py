@@ -134,13 +134,13 @@ def test_two_precompute_shard_processes_on_one_output(data_cache, tiny_codec_dir
                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     lock = Path(str(out) + ".lock")
     deadline = time.time() + 120
-    while not (lock.exists() and f"PID {first.pid}" in lock.read_text()):
+    while not (lock.exists() and f"pid {first.pid}" in lock.read_text()):
         assert first.poll() is None and time.time() < deadline, first.communicate()[0]
         time.sleep(0.02)
     rc = main(args)                       # the second writer, while the first holds the shard
     msg = squash(capsys.readouterr().out)
     log = first.communicate()[0]
-    assert rc != 0 and squash(f"{out}: another writer holds it (PID {first.pid} on") in msg
+    assert rc != 0 and squash(f"{out}: another writer holds it (pid {first.pid} on") in msg
     assert first.returncode == 0, log
     assert not lock.exists() and not Path(str(out) + ".partial").exists()
     sh = C.Shard(out)

@@ -35,7 +35,7 @@ def test_attention_families_train_every_phase_resume_and_evaluate(family, tmp_pa
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.training import train as T
     cfg = FAMILIES[family]
-    rate, target = cfg["sampling_rate"], 2 * cfg["sampling_rate"]
+    target = 2 * cfg["sampling_rate"]
     save_codec(tiny_codec(config=cfg), tmp_path / "codec", official=True)
     for split, n in (("train", 3), ("heldout", 1)):
         rows = [{"audio": str(write_audio(tmp_path / f"{split}{i}.wav", speechlike(1.6, target, 10 * n + i), target)),

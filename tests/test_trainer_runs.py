@@ -4,8 +4,6 @@ Snakemake that dies; and the precision split, schedules, accounting and target-r
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -38,18 +38,18 @@ written. A shard is complete only when all of them are there.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import socket
 import zlib
 from pathlib import Path
 
 import numpy as np
 import zarr
 import zarr.codecs
+
+from ..locks import FileLock, Held
 
 from ..model.codec import geometry_of
 
@@ -85,40 +85,17 @@ def _compressors():
     return (zarr.codecs.ZstdCodec(level=3), zarr.codecs.Crc32cCodec())
 
 
-class ShardLock:
-    """An exclusive flock on `<shard>.lock` holding the writer's PID and host. A second writer
-    fails at once naming the holder; a killed holder's lock vanishes with its process."""
+class ShardLock(FileLock):
+    """An exclusive lock on `<shard>.lock` naming the writer: a second writer fails at once naming
+    the holder; a killed holder's lock vanishes with its process."""
 
     def __init__(self, shard):
-        self.path = Path(str(shard) + ".lock")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "a process"
-                os.close(fd)
-                raise CacheError(f"{shard}: another writer holds it ({holder}; lock file {self.path}); "
-                                 "two jobs must not write one shard") from None
-            try:          # a holder that just finished unlinks the file: lock the one that is there
-                st, now = os.fstat(fd), os.stat(self.path)
-                if (st.st_ino, st.st_dev) == (now.st_ino, now.st_dev):
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        else:
-            raise CacheError(f"{shard}: could not take the lock {self.path}")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode())
-        self.fd = fd
-
-    def release(self):
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(self.fd)
-            self.fd = None
+        super().__init__(str(shard) + ".lock", unlink=True)
+        try:
+            self.acquire()
+        except Held as e:
+            raise CacheError(f"{shard}: another writer holds it ({e.holder}; lock file {self.path}); "
+                             "two jobs must not write one shard") from None
 
 
 class _Appender:

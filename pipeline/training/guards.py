@@ -11,13 +11,13 @@ StopRequest SIGTERM or SIGUSR1 (what SLURM sends before it kills or requeues a j
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
+
+from ..locks import FileLock, Held
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -34,28 +34,16 @@ class Stopped(RuntimeError):
         self.code = code
 
 
-class PhaseLock:
+class PhaseLock(FileLock):
     def __init__(self, folder):
-        self.path = Path(folder) / ".lock"
-        self.fd = None
+        super().__init__(Path(folder) / ".lock")
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise Locked(f"another trainer is writing {self.path.parent} ({holder}); stop it first "
+            return self.acquire()
+        except Held as e:
+            raise Locked(f"another trainer is writing {self.path.parent} ({e.holder}); stop it first "
                          f"(kill <pid>: it writes a checkpoint and exits) or wait for it") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)       # releases the lock
 
 
 class StopRequest:
