@@ -108,7 +108,9 @@ def test_slurm_profile_is_what_a_user_copies():
     # placeholders nobody can miss: sbatch and the plugin reject them, naming them
     assert default["slurm_partition"].startswith("EDIT_ME") and default["slurm_account"].startswith("EDIT_ME")
     for rule, res in per_rule.items():
-        assert res["slurm_partition"].startswith("EDIT_ME") and res["gpu"] == 1, rule
+        # training rules take gpu = the phase's nproc_per_node from the rule itself
+        assert res["slurm_partition"].startswith("EDIT_ME") and res.get("gpu", 1) == 1, rule
+        assert ("gpu" in res) == (rule not in ("train", "train_lora")), rule
         assert not {"tasks", "tasks_per_gpu", "gres"} & set(res), f"{rule}: tasks on a GPU rule"
         assert res["runtime"] > 0 and res["mem_mb"] > 0, rule
     assert "gpu" not in default and "tasks" not in default
