@@ -9,7 +9,7 @@ import torch
 from ..data import audio as A
 from ..data.cache import CACHE_FORMAT, dump_json, open_cache, Shard
 from ..model.codec import fingerprint, load_codec, noise_disabled, pick_device
-from ..training.losses import evaluate_pair
+from .metrics import evaluate_pair
 from ..model.snac48 import load_model
 from ..ui import console
 

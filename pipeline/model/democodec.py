@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from ..data import audio as A
 from ..data.cache import dump_json
 from .codec import build_codec, geometry, noise_disabled, save_codec
-from ..training.losses import ReconstructionLoss, evaluate_pair
+from ..evaluation.metrics import evaluate_pair
+from ..training.losses import ReconstructionLoss
 from ..data.manifest import parse_manifest
 from ..ui import console
 
