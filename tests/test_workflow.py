@@ -31,7 +31,7 @@ from workflow_util import (N_HELDOUT, N_SHARDS, N_TRAIN, REPO, STEPS, clone_tree
                            lora_adapters, make_tree, merged_config, mtimes, run_env, snakemake,
                            snakemake_cmd)
 
-METRICS = ("mrstft", "mel_l1", "lsd_db", "lsd_hf_db", "si_sdr_db")
+METRICS = ("visqol", "lsd_lo_db", "lsd_hi_db", "lsd_db", "mel_l1", "mrstft", "si_sdr_db")
 STEP_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
 MANIFEST = "data/demo/manifest.jsonl"
 
