@@ -34,7 +34,7 @@ rule report_items:
                       category="3. Listening", labels={"clip": str(k + 1)}) for k in range(N_CLIPS)],
     params:
         phases=" ".join(f"--phase {n}={d}" for n, d in report_phases().items()),
-        out=REPORT_DIR,
+        out=lambda wc, output: os.path.dirname(output.table),
         clips=N_CLIPS,
     log:
         f"{LOGS}/report_items.log",
