@@ -83,7 +83,7 @@ def spectrograms_png(signals: dict, rate: int, mark_hz: float | None = None, ref
 def curves_png(records: list, title: str) -> bytes:
     """Training curves from metrics.jsonl records: every train/* and val/* term, and the lr."""
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2), dpi=80, gridspec_kw={"width_ratios": [3, 1]})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2), dpi=100, gridspec_kw={"width_ratios": [3, 1]})
     keys = sorted({k for r in records for k in r if k.startswith(("train/", "val/"))})
     for k in keys:
         pts = [(r["step"], r[k]) for r in records if k in r]
