@@ -129,6 +129,14 @@ def main(argv=None) -> int:
     c.add_argument("--model", action="append", default=[], metavar="NAME=PATH")
     c.add_argument("--out", required=True)
     c.add_argument("--settings", type=_json, default={})
+    c.add_argument("--runtime", type=_json, default={}, help="runtime knobs (JSON: device), merged over --settings")
+    c.add_argument("--target-rate", type=int, default=None, help="codec.target_rate: the held-out cache must hold it")
+
+    c = sub.add_parser("report", help="the report's files: evaluation table, listening page, training curves")
+    c.add_argument("--eval", required=True, help="eval.json (eval_clips/ beside it)")
+    c.add_argument("--phase", action="append", default=[], metavar="NAME=DIR", help="a phase folder (metrics.jsonl)")
+    c.add_argument("--clips", type=int, required=True, help="listening pages to write (eval.report_clips)")
+    c.add_argument("--out-dir", required=True)
 
     c = sub.add_parser("resynth", help="any audio file in, 48 kHz out through the new decoder")
     c.add_argument("--model", required=True)
@@ -293,7 +301,12 @@ def _run(a) -> int | None:
         export_final(a.phase_dir, a.out)
     elif a.command == "evaluate":
         from .evaluation.evaluate import evaluate
-        evaluate(a.codec, a.heldout, dict(m.split("=", 1) for m in a.model), a.out, a.settings)
+        evaluate(a.codec, a.heldout, dict(m.split("=", 1) for m in a.model), a.out, {**a.settings, **a.runtime},
+                 a.target_rate)
+    elif a.command == "report":
+        from .evaluation.report import write_report_items
+        for p in write_report_items(a.eval, dict(m.split("=", 1) for m in a.phase), a.out_dir, a.clips):
+            print(p)
     elif a.command in ("resynth", "decode"):
         from .evaluation import infer
         chunk = {} if a.chunk_seconds is None else {"chunk_seconds": a.chunk_seconds}

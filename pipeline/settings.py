@@ -84,13 +84,19 @@ def complete(s: dict, where: str) -> dict:
     return s
 
 
+def runtime_keys(s: dict) -> frozenset:
+    """The runtime knobs of these settings: when the output is chosen among the kept checkpoints
+    (select: rank_sum), what decides which are kept is a run setting."""
+    return RUNTIME_KEYS - {"keep_best", "val_every", "val_batches"} if s.get("select") == "rank_sum" else RUNTIME_KEYS
+
+
 def run_settings(s: dict) -> dict:
     """What defines a run: every setting but the runtime knobs."""
-    return {k: v for k, v in s.items() if k not in RUNTIME_KEYS}
+    return {k: v for k, v in s.items() if k not in runtime_keys(s)}
 
 
 def runtime_settings(s: dict) -> dict:
-    return {k: v for k, v in s.items() if k in RUNTIME_KEYS}
+    return {k: v for k, v in s.items() if k in runtime_keys(s)}
 
 
 def check_phase(s: dict, where: str) -> None:

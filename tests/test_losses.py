@@ -1,4 +1,5 @@
-"""Fast tests for pipeline.training.losses: losses, metrics, edge cases (short signals, autocast)."""
+"""Fast tests for pipeline.training.losses: losses, edge cases (short signals, autocast).
+The metric tests are in test_evaluate.py."""
 from __future__ import annotations
 
 import math
@@ -6,14 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.training.losses import (
-    MelL1Loss,
-    MultiResolutionSTFTLoss,
-    ReconstructionLoss,
-    evaluate_pair,
-    log_spectral_distance,
-    si_sdr,
-)
+from pipeline.training.losses import MelL1Loss, MultiResolutionSTFTLoss, ReconstructionLoss
 
 SR = 48000
 SMALL_FFTS = (256, 512, 1024)
@@ -30,14 +24,6 @@ def broadband(batch=2, seconds=0.5, sr=SR, seed=0):
     return x.unsqueeze(1).float()
 
 
-def lowpass_fft(x, sr, cutoff):
-    """Zero every FFT bin above ``cutoff`` Hz."""
-    spec = torch.fft.rfft(x, dim=-1)
-    freqs = torch.fft.rfftfreq(x.shape[-1], d=1.0 / sr)
-    spec[..., freqs > cutoff] = 0
-    return torch.fft.irfft(spec, n=x.shape[-1], dim=-1)
-
-
 def test_identical_inputs_give_zero():
     x = broadband()
     assert MultiResolutionSTFTLoss(SMALL_FFTS)(x, x).item() == pytest.approx(0.0, abs=1e-6)
@@ -46,63 +32,13 @@ def test_identical_inputs_give_zero():
     assert total.item() == pytest.approx(0.0, abs=1e-6)
     assert set(terms) == {"l1", "stft", "mel"}
     assert all(v.item() == pytest.approx(0.0, abs=1e-6) for v in terms.values())
-    assert log_spectral_distance(x, x, SR) == pytest.approx(0.0, abs=1e-6)
-    assert log_spectral_distance(x, x, SR, band=(12000, 24000)) == pytest.approx(0.0, abs=1e-6)
-    assert si_sdr(x, x) > 60
 
 
-def test_scaled_copy_is_scale_invariant_but_l1_positive():
+def test_scaled_copy_gives_positive_l1():
     x = broadband()
     y = 0.5 * x
-    assert si_sdr(y, x) > 60
     _, terms = ReconstructionLoss(SR, {"l1": 1.0})(y, x)
     assert terms["l1"].item() > 0.01
-
-
-@pytest.mark.parametrize("snr_db", [0.0, 10.0, 20.0])
-def test_si_sdr_matches_known_snr(snr_db):
-    x = broadband(batch=3)[:, 0]
-    x = x - x.mean(-1, keepdim=True)
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    noise = noise - noise.mean(-1, keepdim=True)
-    # Remove the noise's projection onto x so the SNR is exact, then scale to the target SNR.
-    noise = noise - (noise * x).sum(-1, keepdim=True) / x.square().sum(-1, keepdim=True) * x
-    scale = torch.sqrt(x.square().sum(-1, keepdim=True) / noise.square().sum(-1, keepdim=True) / 10 ** (snr_db / 10))
-    assert si_sdr(x + scale * noise, x) == pytest.approx(snr_db, abs=1.0)
-
-
-def test_shapes_are_interchangeable():
-    x = broadband(batch=1)
-    y = x + 0.01 * torch.randn_like(x)
-    a = si_sdr(y, x)
-    assert si_sdr(y[:, 0], x[:, 0]) == pytest.approx(a)
-    assert si_sdr(y[0, 0], x[0, 0]) == pytest.approx(a)
-    with pytest.raises(ValueError):
-        si_sdr(y, x[..., :-1])
-
-
-def test_lowpassed_signal_shows_in_lsd_hf():
-    x = broadband()
-    lp = lowpass_fft(x, SR, 12000.0)
-    m = evaluate_pair(lp, x, SR, n_ffts=SMALL_FFTS)
-    assert set(m) == {"mrstft", "mel_l1", "lsd_db", "lsd_hf_db", "si_sdr_db"}
-    assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
-    same = evaluate_pair(x, x, SR, n_ffts=SMALL_FFTS)
-    assert same["lsd_hf_db"] == pytest.approx(0.0, abs=1e-6)
-    assert m["lsd_hf_db"] > 10.0
-    # The low half of the bins is intact, so whole-band LSD is about lsd_hf / sqrt(2).
-    assert m["lsd_hf_db"] > 1.3 * m["lsd_db"]
-    assert m["mrstft"] > same["mrstft"]
-    assert m["mel_l1"] > same["mel_l1"]
-
-
-def test_hf_band_is_clipped_to_nyquist():
-    x = broadband(sr=24000, seconds=0.25)
-    y = x + 0.01 * torch.randn_like(x)
-    m = evaluate_pair(y, x, 24000, n_ffts=SMALL_FFTS, hf_band=(8000.0, 24000.0))
-    assert math.isfinite(m["lsd_hf_db"])
-    m = evaluate_pair(y, x, 24000, n_ffts=SMALL_FFTS, hf_band=(13000.0, 24000.0))  # above Nyquist
-    assert math.isnan(m["lsd_hf_db"])
 
 
 def test_losses_are_differentiable():
@@ -150,8 +86,6 @@ def test_n_fft_larger_than_signal():
     assert torch.isfinite(loss) and loss.item() > 0
     assert MultiResolutionSTFTLoss()(x, x).item() == pytest.approx(0.0, abs=1e-6)
     assert torch.isfinite(MelL1Loss(SR)(y[..., :300], x[..., :300]))
-    m = evaluate_pair(y, x, SR)
-    assert all(math.isfinite(v) for v in m.values())
 
 
 def test_windows_are_non_persistent_buffers():
@@ -186,5 +120,3 @@ def test_cuda_matches_cpu():
         gpu, _ = loss_fn.to("cuda")(y.cuda(), x.cuda())
     assert gpu.dtype == torch.float32
     assert gpu.item() == pytest.approx(cpu.item(), rel=1e-3)
-    m = evaluate_pair(y.cuda(), x.cuda(), SR, n_ffts=SMALL_FFTS)
-    assert all(math.isfinite(v) for v in m.values())

@@ -117,6 +117,23 @@ def test_adversarial_phase_resumes_exactly(small_cache, tmp_path, monkeypatch):
             "train/adv/d_new_band"} <= set(records[-1])
 
 
+def test_output_chosen_by_rank_sum_and_samples_in_tensorboard(small_cache, tmp_path):
+    """select: rank_sum makes the phase's output the kept checkpoint with the best rank-sum over
+    the evaluation's metrics on the validation segments; each validation writes audio and
+    spectrograms to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    s = settings(select="rank_sum", keep_best=2)
+    assert run_settings(s)["keep_best"] == 2          # which checkpoints are kept now decides the output
+    run(small_cache, "warmup", s, tmp_path)
+    chosen = json.loads((tmp_path / "config.json").read_text())["selected"]
+    kept = {d.name for d in C.step_dirs(tmp_path / "checkpoints")}
+    assert chosen["checkpoint"] in kept and {r["name"] for r in chosen["ranking"]} == kept
+    assert chosen["ranking"][0]["name"] == chosen["checkpoint"] and "lsd_hi_db" in chosen["ranking"][0]["ranks"]
+    assert same_weights(weights(tmp_path), C.read(tmp_path / "checkpoints" / chosen["checkpoint"]).weights)
+    tags = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Tags()
+    assert any(t.endswith("/warmup") for t in tags["audio"]) and any("spectrogram" in t for t in tags["images"])
+
+
 # ---- non-finite steps -------------------------------------------------------------------------
 class InfGrad(torch.autograd.Function):
     """Identity forward, non-finite gradient backward: a finite loss with non-finite gradients."""

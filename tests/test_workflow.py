@@ -31,7 +31,7 @@ from workflow_util import (N_HELDOUT, N_SHARDS, N_TRAIN, REPO, STEPS, clone_tree
                            lora_adapters, make_tree, merged_config, mtimes, run_env, snakemake,
                            snakemake_cmd)
 
-METRICS = ("mrstft", "mel_l1", "lsd_db", "lsd_hf_db", "si_sdr_db")
+METRICS = ("visqol", "lsd_lo_db", "lsd_hi_db", "lsd_db", "mel_l1", "mrstft", "si_sdr_db")
 STEP_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
 MANIFEST = "data/demo/manifest.jsonl"
 
@@ -48,7 +48,7 @@ TRAIN_SUMMARY = ("precompute_summary", "sdir=precompute")
 HELDOUT_SUMMARY = ("precompute_summary", "sdir=precompute/heldout")
 ADAPTERS, FINAL_ADAPTER = lora_adapters(merged_config(REPO))
 LORA_JOBS = {("train_lora", f"adapter={a}") for a in ADAPTERS}
-AFTER_FULL = LORA_JOBS | {("evaluate", ""), ("export_final", ""), ("all", "")}
+AFTER_FULL = LORA_JOBS | {("evaluate", ""), ("export_final", ""), ("report_items", ""), ("all", "")}
 TRAINING = {("train", "phase=warmup"), ("train", "phase=full")} | AFTER_FULL
 ALL_JOBS = ({("demo_data", ""), ("demo_codec", ""), HELDOUT_SHARD, TRAIN_SUMMARY, HELDOUT_SUMMARY}
             | SHARD_JOBS | TRAINING)
@@ -410,3 +410,35 @@ def test_final_pt_merges_the_named_adapter_or_none(built):
     finally:
         (root / "bad.yaml").unlink()
     assert r.rc != 0 and "nosuch" in r.out
+
+
+# ---- the report (issue 11.4) ----------------------------------------------------------------
+def test_snakemake_report_opens_in_a_browser(built, tmp_path):
+    """`snakemake --report` gives one self-contained page; in a real headless Chromium, after the
+    report's JavaScript has rendered: the evaluation table, every phase's curves, and listening
+    pages with one decoded spectrogram and one playable audio player per model and the target."""
+    from browser import CHROMIUM, PAGE_CONTENT, Chromium, show_result
+    if CHROMIUM is None:
+        pytest.skip("needs chromium (apt-get install chromium)")
+    root, _ = built
+    html = tmp_path / "report.html"
+    r = snakemake(root, extra=("--report", str(html)))
+    assert r.rc == 0 and html.is_file(), r.out[-3000:]
+    models = json.loads((root / "results/phase11/eval.json").read_text())["models"]
+    with Chromium(tmp_path / "profile") as b:
+        b.open(html.as_uri())
+        b.wait_for("!!document.querySelector('#app a')")
+        show_result(b, "1. Evaluation")
+        page = b.eval(PAGE_CONTENT, b.frame_context("filename=evaluation.html"))
+        assert page["tables"] == ["means", "vs-baseline"] and page["rows"] == list(models)
+        b.screenshot(tmp_path / "evaluation.png")
+        show_result(b, "3. Listening")
+        page = b.eval(PAGE_CONTENT, b.frame_context("filename=clip-00.html"))
+        assert page["images"] == page["decoded"] == page["audio"] == len(models) + 1, page
+        assert page["errors"] == 0 and all(s > 0.5 for s in page["seconds"]), page
+        shot = b.screenshot(tmp_path / "clip.png")
+        assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 50_000
+        show_result(b, "2. Training curves", len(PHASE_DIRS) - 1)
+        assert b.wait_for("(() => { const i = document.querySelector('#app img[src^=\"data:image/png\"]');"
+                          " return i && i.complete && i.naturalWidth; })()") > 300
+        b.screenshot(tmp_path / "curves.png")

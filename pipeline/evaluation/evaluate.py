@@ -1,7 +1,25 @@
-"""Held-out evaluation: the 24 kHz codec's own decode (upsampled with soxr) as the baseline, and
-each 48 kHz stage, on whole held-out utterances, noise blocks off, against the cached targets."""
+"""Held-out evaluation: the codec's own decode (upsampled with soxr) as the baseline, and each
+target-rate stage, on whole held-out utterances, noise blocks off, against the cached targets.
+
+Writes, for `out` = ``.../eval.json``:
+
+* ``eval.json`` -- per model and metric the mean over utterances (``models``), its spread
+  (``spread``: std and a 95 % bootstrap interval) and the paired difference to the baseline
+  (``vs_baseline``: mean and 95 % bootstrap interval of model minus baseline, utterance by
+  utterance), plus the bands, floor and budget used;
+* ``eval_utterances.jsonl`` -- one line per (utterance, model) with every metric;
+* ``eval_clips/`` -- the first ``report_clips`` utterances (at most ``report_seconds`` each) as
+  FLAC for target and every model, and ``index.json``: what the report plays and draws.
+
+Evaluation stops once ``max_seconds`` of held-out audio are done, across shards: a held-out
+manifest of thousands of utterances costs what the budget says.
+"""
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -9,63 +27,178 @@ import torch
 from ..data import audio as A
 from ..data.cache import CACHE_FORMAT, dump_json, open_cache, Shard
 from ..model.codec import fingerprint, load_codec, noise_disabled, pick_device
-from ..training.losses import evaluate_pair
 from ..model.snac48 import load_model
-from ..ui import console
+from ..settings import schema, schema_defaults
+from ..ui import console, progress
+from .metrics import BETTER, evaluate_pair, summarize
 
-METRICS = ("mrstft", "mel_l1", "lsd_db", "lsd_hf_db", "si_sdr_db")
+def eval_defaults() -> dict:
+    """The `eval` settings' defaults (their one place is the config schema)."""
+    return schema_defaults(schema()["properties"]["eval"])
+
+
+def metric_names(settings: dict) -> tuple:
+    return tuple(m for m in BETTER if m != "visqol" or settings["visqol"])
+
+
+def outputs(out) -> tuple[Path, Path, Path]:
+    """eval.json -> (eval.json, eval_utterances.jsonl, eval_clips/) beside it."""
+    out = Path(out)
+    return out, out.with_name(f"{out.stem}_utterances.jsonl"), out.with_name(f"{out.stem}_clips")
+
+
+def select(shards, max_seconds: float, rate: int) -> list:
+    """(shard, index) of the utterances to evaluate, in cache order, until max_seconds of audio
+    are reached (the utterance that crosses the budget is the last one), across all shards."""
+    todo, seconds = [], 0.0
+    for sh in shards:
+        for i, n in enumerate(sh.table["samples"]):
+            if seconds >= max_seconds:
+                return todo
+            todo.append((sh, i))
+            seconds += int(n) / rate
+    return todo
 
 
 @torch.inference_mode()
-def evaluate(codec_dir, heldout_paths, models: dict, out, settings: dict | None = None) -> dict:
-    s = {"n_ffts": [1024, 2048, 4096, 8192], "max_seconds": 600.0, "device": "auto", **(settings or {})}
+def evaluate(codec_dir, heldout_paths, models: dict, out, settings: dict | None = None,
+             target_rate: int | None = None) -> dict:
+    """target_rate: the configured codec.target_rate, which the held-out cache must hold (None:
+    whatever it holds); every model must decode at the cache's rate."""
+    s = {**eval_defaults(), **(settings or {})}
     device = pick_device(s["device"])
     codec = load_codec(codec_dir, device)
-    target_rate = Shard(heldout_paths[0]).fingerprint["target_rate"]
+    target_rate = target_rate or Shard(heldout_paths[0]).fingerprint["target_rate"]
     fp = fingerprint(codec, target_rate, CACHE_FORMAT)
     shards = open_cache(heldout_paths, expect=fp)
-    hf_band = (fp["codec_rate"] / 2, target_rate / 2)     # the band only the new decoder can fill
+    split = fp["codec_rate"] / 2              # codec Nyquist: above it only the new decoder adds content
     decoders = {"baseline": None, **{n: load_model(p, device) for n, p in models.items()}}
-    sums = {n: {m: 0.0 for m in METRICS} for n in decoders}
-    count, seconds = 0, 0.0
-    for sh in shards:
-        for i in range(len(sh)):
+    for name, model in decoders.items():
+        if model is not None and model.target_rate != target_rate:
+            raise ValueError(f"model {name} ({models[name]}) decodes at {model.target_rate} Hz, but the held-out "
+                             f"cache holds {target_rate} Hz targets")
+    names = metric_names(s)
+    todo = select(shards, s["max_seconds"], target_rate)
+    if not todo:
+        raise RuntimeError("the held-out cache holds no utterance to evaluate")
+    total = sum(len(sh) for sh in shards)
+    budget_s = sum(int(sh.table["samples"][i]) for sh, i in todo) / target_rate
+    console.print(f"evaluating {len(todo)} of {total} held-out utterances ({budget_s:.1f} s, "
+                  f"eval.max_seconds {s['max_seconds']:g}) x {len(decoders)} models")
+
+    out, utt_path, clip_dir = outputs(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clips = []
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    values = {n: {m: [] for m in names} for n in decoders}
+    t0 = last = time.time()
+    done_s = 0.0
+    tmp = utt_path.with_name(utt_path.name + ".tmp")
+    with open(tmp, "w") as f, progress() as bar:
+        task = bar.add_task("evaluate", total=len(todo))
+        for k, (sh, i) in enumerate(todo, start=1):
             codes, audio = sh.utterance(i)
             n = int(sh.table["samples"][i])
             target = torch.from_numpy(audio[:n].astype(np.float32) / 32768.0)
             codes_t = [torch.from_numpy(c)[None].to(device) for c in codes]
-            for name, model in decoders.items():
-                with noise_disabled(model or codec):
-                    if model is None:
-                        y24 = codec.decode(codes_t)[0, 0].float().cpu().numpy()
-                        pred = torch.from_numpy(A.resample(y24, fp["codec_rate"], target_rate))
-                    else:
-                        pred = model.decode(codes_t)[0, 0].float().cpu()
-                pred = torch.nn.functional.pad(pred[:n], (0, max(0, n - len(pred))))
-                r = evaluate_pair(pred, target, target_rate, n_ffts=s["n_ffts"], hf_band=hf_band)
-                for m in METRICS:
-                    sums[name][m] += r[m]
-            count += 1
-            seconds += n / target_rate
-            if seconds >= s["max_seconds"]:
-                break
-    if not count:
-        raise RuntimeError("the held-out cache holds no utterance to evaluate")
-    result = {"utterances": count, "seconds": round(seconds, 2), "target_rate": target_rate,
-              "hf_band_hz": list(hf_band),
-              "models": {n: {m: round(v / count, 4) for m, v in d.items()} for n, d in sums.items()}}
+            preds = {name: decode(model, codec, codes_t, n, fp["codec_rate"], target_rate)
+                     for name, model in decoders.items()}
+            for name, pred in preds.items():
+                r = evaluate_pair(pred, target, target_rate, split, n_ffts=s["n_ffts"],
+                                  floor_db=s["lsd_floor_db"], with_visqol=s["visqol"])
+                for m in names:
+                    values[name][m].append(r[m])
+                f.write(json.dumps({"id": sh.ids[i], "shard": sh.path.name, "seconds": round(n / target_rate, 3),
+                                    "model": name, **{m: round(r[m], 5) for m in names}}) + "\n")
+            if len(clips) < s["report_clips"]:
+                clips.append(save_clip(clip_dir, len(clips), sh.ids[i], target, preds, target_rate,
+                                       int(s["report_seconds"] * target_rate)))
+            done_s += n / target_rate
+            bar.advance(task)
+            if not console.is_terminal and (time.time() - last > 30 or k == len(todo)):
+                el = time.time() - t0
+                console.print(f"evaluate: {k}/{len(todo)} utterances, {done_s:.0f}/{budget_s:.0f} s of audio, "
+                              f"{el:.0f} s elapsed, eta {el / done_s * (budget_s - done_s):.0f} s")
+                last = time.time()
+    os.replace(tmp, utt_path)
+    dump_json({"rate": target_rate, "codec_nyquist_hz": split, "models": list(decoders), "clips": clips},
+              clip_dir / "index.json")
+
+    boot = dict(n_boot=s["bootstrap"], seed=0)
+    result = {
+        "utterances": len(todo), "seconds": round(done_s, 2), "heldout_utterances": total,
+        "max_seconds": s["max_seconds"], "target_rate": target_rate, "codec_rate": fp["codec_rate"],
+        "bands_hz": {"lsd_db": [0, target_rate / 2], "lsd_lo_db": [0, split], "lsd_hi_db": [split, target_rate / 2]},
+        "lsd_floor_db": s["lsd_floor_db"], "better": {m: BETTER[m] for m in names},
+        "visqol": visqol_note(s["visqol"]),
+        "per_utterance": utt_path.name,
+        "models": {}, "spread": {}, "vs_baseline": {},
+    }
+    for name, d in values.items():
+        stats = {m: summarize(v, **boot) for m, v in d.items()}
+        result["models"][name] = {m: round(st["mean"], 4) for m, st in stats.items()}
+        result["spread"][name] = {m: {"std": round(st["std"], 4), "ci95": [round(c, 4) for c in st["ci95"]]}
+                                  for m, st in stats.items()}
+        if name != "baseline":
+            result["vs_baseline"][name] = {}
+            for m, v in d.items():
+                st = summarize(np.subtract(v, values["baseline"][m]), **boot)
+                result["vs_baseline"][name][m] = {"diff": round(st["mean"], 4),
+                                                  "ci95": [round(c, 4) for c in st["ci95"]]}
     dump_json(result, out)
     print_table(result)
     return result
 
 
+def visqol_note(on: bool) -> str:
+    if not on:
+        return "ViSQOL off (eval.visqol: false)."
+    from importlib.metadata import version
+    return f"visqol: ViSQOL v3 audio mode, MOS-LQO (visqol-python {version('visqol-python')})."
+
+
+def decode(model, codec, codes, n: int, codec_rate: int, target_rate: int) -> torch.Tensor:
+    """Target-rate float32 waveform (cpu) of `n` samples: the model's decode, or for the
+    baseline (model None) the codec's own decode resampled to the target rate."""
+    with noise_disabled(model or codec):
+        if model is None:
+            y = codec.decode(codes)[0, 0].float().cpu().numpy()
+            pred = torch.from_numpy(A.resample(y, codec_rate, target_rate))
+        else:
+            pred = model.decode(codes)[0, 0].float().cpu()
+    return torch.nn.functional.pad(pred[:n], (0, max(0, n - len(pred))))
+
+
+def save_clip(folder: Path, k: int, utt_id: str, target, preds: dict, rate: int, max_samples: int) -> dict:
+    import soundfile as sf
+    files = {}
+    for name, x in {"target": target, **preds}.items():
+        files[name] = f"clip{k:02d}-{name.replace(':', '_')}.flac"
+        sf.write(folder / files[name], np.clip(x[:max_samples].numpy(), -1, 1), rate, subtype="PCM_16")
+    return {"id": utt_id, "seconds": round(min(len(target), max_samples) / rate, 3), "files": files}
+
+
 def print_table(result: dict) -> None:
     from rich.table import Table
-    t = Table(title=f"held-out evaluation: {result['utterances']} utterances, {result['seconds']} s "
-                    f"(lsd_hf: {result['hf_band_hz'][0] / 1000:g}-{result['hf_band_hz'][1] / 1000:g} kHz)")
+    lo, hi = result["bands_hz"]["lsd_hi_db"]
+    t = Table(title=f"held-out evaluation: {result['utterances']} utterances, {result['seconds']} s; "
+                    f"mean [95 % bootstrap interval]; lsd_hi: {lo / 1000:g}-{hi / 1000:g} kHz")
+    names = list(result["better"])
     t.add_column("model")
-    for m in METRICS:
-        t.add_column(m + (" ↑" if m == "si_sdr_db" else " ↓"), justify="right")
+    for m in names:
+        t.add_column(m + (" ↑" if result["better"][m] == "max" else " ↓"), justify="right")
     for name, d in result["models"].items():
-        t.add_row(name, *(f"{d[m]:.3f}" for m in METRICS))
+        t.add_row(name, *(f"{d[m]:.3f} [{result['spread'][name][m]['ci95'][0]:.2f}, "
+                          f"{result['spread'][name][m]['ci95'][1]:.2f}]" for m in names))
+    for name, d in result["vs_baseline"].items():
+        t.add_row(f"[dim]{name} - baseline", *(fmt_diff(d[m], result["better"][m]) for m in names))
     console.print(t)
+
+
+def fmt_diff(d: dict, better: str) -> str:
+    """A paired difference with its interval, green when the whole interval is on the better side."""
+    lo, hi = d["ci95"]
+    good = lo > 0 if better == "max" else hi < 0
+    bad = hi < 0 if better == "max" else lo > 0
+    text = f"{d['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}]"
+    return f"[green]{text}" if good else f"[red]{text}" if bad else text

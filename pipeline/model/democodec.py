@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from ..data import audio as A
 from ..data.cache import dump_json
 from .codec import build_codec, geometry, noise_disabled, save_codec
-from ..training.losses import ReconstructionLoss, evaluate_pair
+from ..evaluation.metrics import evaluate_pair
+from ..training.losses import ReconstructionLoss
 from ..data.manifest import parse_manifest
 from ..ui import console
 
@@ -140,7 +141,7 @@ def measure_quality(model, clips) -> dict:
             x = torch.from_numpy(c)[None, None]
             codes = model.encode(x)
             y = model.decode(codes)[..., :x.shape[-1]]
-            results.append(evaluate_pair(y, x, rate, n_ffts=(256, 512, 1024), hf_band=(rate / 4, rate / 2)))
+            results.append(evaluate_pair(y, x, rate, rate / 4, n_ffts=(256, 512, 1024)))
             for u, cd in zip(used, codes):
                 u.update(cd.flatten().tolist())
     q = {k: round(float(np.mean([r[k] for r in results])), 4) for k in results[0]}

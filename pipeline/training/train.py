@@ -29,6 +29,7 @@ from rich.progress import TextColumn
 
 from ..data.cache import CACHE_FORMAT, CacheError
 from ..data.segments import SegmentBatches, build_pool, collate, fixed_segments, open_training_cache
+from ..evaluation.report import tb_log_samples
 from ..model.codec import fingerprint, load_codec, noise_disabled, state_digest
 from ..model.snac48 import from_codec, load_model, param_groups, save_model
 from ..settings import check_segment, complete, run_settings, segment_frames
@@ -329,9 +330,12 @@ def validate(t: Trainer) -> float:
     with noise_disabled(t.model):
         for i in range(0, len(mine), t.s["batch_size"]):
             codes, target, mask = collate(mine[i:i + t.s["batch_size"]])
-            loss, _ = t.loss_fn(t.model.decode([c.to(t.device) for c in codes]), target.to(t.device), mask.to(t.device))
+            pred = t.model.decode([c.to(t.device) for c in codes])
+            loss, _ = t.loss_fn(pred, target.to(t.device), mask.to(t.device))
             total += float(loss) * target.shape[0]
             n += target.shape[0]
+            if i == 0 and t.group.main:          # listen to and look at the first segments
+                tb_log_samples(t.tb, t.state["step"], {t.phase: pred}, target, t.rate, t.model.geometry.codec_rate / 2)
     total, n = t.group.sum([total, n])
     return total / n
 
@@ -385,11 +389,14 @@ def finish(t: Trainer) -> dict:
     if not t.group.main:
         return t.state
     t.tb.close()
-    model = t.model.eval().cpu()
+    model = t.model.eval()
     model.decoder.bf16_layers, model.decoder.checkpointing = 0, False
     extra = {"phase": t.phase, "run": t.run, "steps": t.s["steps"], "settings": run_settings(t.s),
              "init": t.start_weights, "best_val": t.state["best"], "nonfinite_skipped": t.state["nonfinite_total"],
              "segments_seen": t.state["segments_seen"], "seconds_seen": round(t.state["seconds_seen"], 3)}
+    if t.s["select"] == "rank_sum":
+        extra["selected"] = select_by_rank_sum(t)
+    model.cpu()
     if t.lora is not None:
         from ..model.lora import merge_lora, save_lora
         cfg, adapter, base_digest = t.lora
@@ -401,3 +408,18 @@ def finish(t: Trainer) -> dict:
     console.print(f"[bold]{t.phase} done[/]: {t.out}/model.safetensors{best}")
     return t.state
 
+
+def select_by_rank_sum(t: Trainer) -> dict:
+    """Load, of the kept checkpoints, the one with the best rank-sum over the evaluation's metrics
+    on the validation segments (ties: the newer); -> what was chosen and why."""
+    from ..evaluation.metrics import rank_sum, segment_metrics
+    rows = {}
+    for d in checkpoint.step_dirs(t.ckdir):
+        t.model.load_state_dict(checkpoint.read(d).weights)
+        rows[d.name] = segment_metrics(t.model, t.val, device=t.device)
+    order = rank_sum(dict(reversed(rows.items())))          # newest first: it wins ties
+    best = order[0]["name"]
+    t.model.load_state_dict(checkpoint.read(t.ckdir / best).weights)
+    console.print(f"{t.phase}: output = {best}, best rank-sum of {len(rows)} kept checkpoints over "
+                  f"{', '.join(order[0]['ranks'])}")
+    return {"by": "rank_sum", "checkpoint": best, "ranking": order, "metrics": rows}

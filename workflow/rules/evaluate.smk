@@ -1,5 +1,6 @@
-# Held-out metrics for the 24 kHz baseline (upsampled with soxr) and each 48 kHz stage. It runs
-# before the export, so asking for final.pt also produces the evaluation table.
+# Held-out metrics for the 24 kHz baseline (upsampled with soxr) and each 48 kHz stage: eval.json
+# (means, spreads, differences to the baseline), per-utterance figures, and a few clips for the
+# report. It runs before the export, so asking for final.pt also produces the evaluation table.
 
 
 rule evaluate:
@@ -10,10 +11,15 @@ rule evaluate:
         summaries=[f"{RESULTS}/{SPLITS[k]['summary']}/summary.json" for k in SPLITS],
         models=[f"{d}/model.safetensors" for d in eval_models().values()],
     output:
-        f"{PHASE_DIR}/eval.json",
+        evaluation=f"{PHASE_DIR}/eval.json",
+        utterances=f"{PHASE_DIR}/eval_utterances.jsonl",
+        clips=directory(f"{PHASE_DIR}/eval_clips"),
     params:
-        settings=json.dumps(config.get("eval", {}), sort_keys=True),
+        # what changes the figures reruns the evaluation; where it runs (device) does not
+        settings=json.dumps({k: v for k, v in config["eval"].items() if k != "device"}, sort_keys=True),
+        runtime=lambda wc, resources: json.dumps({"device": config["eval"]["device"]}),
         codec=codec_dir(),
+        target_rate=TARGET_RATE,
         models=" ".join(f"--model {n}={d}" for n, d in eval_models().items()),
     threads: 2
     log:
@@ -21,5 +27,7 @@ rule evaluate:
     benchmark:
         f"{BENCH}/evaluate.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE {PY} evaluate --codec {params.codec:q} --heldout {input.heldout:q}"
-        " {params.models} --out {output:q} --settings {params.settings:q} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} NUMBA_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE {PY} evaluate"
+        " --codec {params.codec:q} --heldout {input.heldout:q} {params.models}"
+        " --out {output.evaluation:q} --settings {params.settings:q} --runtime {params.runtime:q}"
+        " --target-rate {params.target_rate} 2>&1 | tee {log}"
