@@ -320,7 +320,7 @@ def test_bad_group_pattern_in_a_late_phase_fails_before_any_job(code_tree):
 
 
 # ---- 5. a killed phase, runtime knobs, a forced rerun -------------------------------------
-RESUME_YAML = "train: {full: {steps: 24, ckpt_every: 4, val_every: 12}}\n"
+RESUME_YAML = "train: {full: {steps: 16, ckpt_every: 4, val_every: 8}}\n"
 KNOBS_YAML = "train: {defaults: {num_workers: 1, log_every: 1}}\n"      # runtime knobs only
 FULL = "results/phase11/full/model.safetensors"
 
@@ -356,9 +356,9 @@ def test_killed_phase_resumes_under_new_runtime_knobs_and_forcerun_retrains(buil
                              stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 400
-            while not (_step_dirs(ck) and _step_dirs(ck)[-1] >= 8):
+            while not (_step_dirs(ck) and _step_dirs(ck)[-1] >= 4):
                 assert p.poll() is None, "the run ended before it could be killed: raise steps"
-                assert time.monotonic() < deadline, "no step checkpoint >= 8 in time"
+                assert time.monotonic() < deadline, "no step checkpoint >= 4 in time"
                 time.sleep(0.02)
             trainer = int(re.search(r"pid (\d+)", (ck.parent / ".lock").read_text())[1])
             p.kill()                               # Snakemake alone: its job is orphaned
@@ -370,7 +370,7 @@ def test_killed_phase_resumes_under_new_runtime_knobs_and_forcerun_retrains(buil
             except ProcessLookupError:
                 pass
     newest = _step_dirs(ck)[-1]
-    assert 8 <= newest < 24 and not (root / FULL).exists()
+    assert 4 <= newest < 16 and not (root / FULL).exists()
 
     r = snakemake(root, [FULL], cfgs, ("--unlock",))
     assert r.rc == 0, r.out[-3000:]
@@ -380,10 +380,10 @@ def test_killed_phase_resumes_under_new_runtime_knobs_and_forcerun_retrains(buil
     log = (root / "results/logs/train/full.log").read_text()
     m = re.search(r"resuming\s+full\s+from\s+(\S+)\s+\(step\s+(\d+)\s+of\s+(\d+)\)", log)
     assert m, log[-3000:]
-    assert m.group(1).endswith(f"step_{newest:07d}") and int(m.group(2)) == newest and int(m.group(3)) == 24
+    assert m.group(1).endswith(f"step_{newest:07d}") and int(m.group(2)) == newest and int(m.group(3)) == 16
     steps = [json.loads(l)["step"] for l in (root / "results/phase11/full/metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 24           # none twice
-    assert list(range(newest + 1, 25)) == [s for s in steps if s > newest]   # log_every 1 took effect
+    assert steps == sorted(set(steps)) and steps[-1] == 16           # none twice
+    assert list(range(newest + 1, 17)) == [s for s in steps if s > newest]   # log_every 1 took effect
     resumed = load_file(root / FULL)
 
     # forced: the finished run trains again from step 0 and ends with the same weights
