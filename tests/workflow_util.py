@@ -62,6 +62,21 @@ def make_tree(dest: Path, fast_yaml: str = FAST_YAML) -> Path:
     return dest
 
 
+_BUILT: dict = {}
+
+
+def built_demo(tmp_path_factory) -> tuple:
+    """(tree, Result): the whole demo DAG (rule all, which includes results/phase11/final.pt) built
+    once per test session, whichever module asks first (tests/test_workflow.py, tests/test_faults.py).
+    Read-only: a test that changes anything works on a clone_tree() copy."""
+    if "demo" not in _BUILT:
+        root = make_tree(tmp_path_factory.mktemp("wf") / "tree")
+        r = snakemake(root, timeout=1500)
+        assert r.rc == 0, r.out[-6000:]
+        _BUILT["demo"] = (root, r)
+    return _BUILT["demo"]
+
+
 def clone_tree(src: Path, dest: Path) -> Path:
     """Copy a built tree, .snakemake metadata included, keeping every mtime (copy2 + copystat)."""
     shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns("locks"))

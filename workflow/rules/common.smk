@@ -1,5 +1,7 @@
-# Helpers shared by the rules. Nothing here writes into the tree: the manifests are only read
-# (at parse time) to give every shard job its audio files as inputs and a digest of its rows.
+# Helpers shared by the rules. The manifests are read at parse time to give every shard job two
+# digests as params, one of its rows and one of its audio files' sizes and mtimes. Nothing here
+# writes into the tree but a cache of that per-shard index under .snakemake/, which no rule reads
+# (files written at parse time elsewhere would refresh mtimes and rerun jobs).
 import functools
 import json
 import os
@@ -7,7 +9,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from pipeline.data.manifest import parse_manifest, rows_digest, shard_rows
+from pipeline.data.manifest import ShardIndex
 from pipeline.settings import (PHASES, PRECOMPUTE_DEFAULTS, adapter_settings, lora_adapters,
                                manifest_entries, merge, phase_settings)
 
@@ -16,6 +18,8 @@ RESULTS = "results"
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 PY = f"{sys.executable} -m pipeline"
+# a parse-time cache (never read by a rule): the manifest index
+INDEX_CACHE = ".snakemake/phase11-manifest-index"
 
 # split -> where its manifest comes from and where its cache and accounting go
 SPLITS = {
@@ -40,26 +44,30 @@ def is_demo(path):
     return os.path.abspath(path).startswith(os.path.abspath(DEMO_DIR) + os.sep)
 
 
+def manifest_key(split):
+    return "manifest" if split == "train" else "heldout_manifest"
+
+
 def manifest_of(split):
     """The split's manifest paths; waits for the demo corpus checkpoint when one is the demo's."""
     for m in SPLITS[split]["manifest"]:
         if is_demo(m):
             checkpoints.demo_data.get()
         elif not os.path.isfile(m):
-            raise WorkflowError(f"{split} manifest {m!r} does not exist (config key "
-                                f"{'manifest' if split == 'train' else 'heldout_manifest'})")
+            raise WorkflowError(f"{split} manifest {m!r} does not exist (config key {manifest_key(split)})")
     return SPLITS[split]["manifest"]
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded(split, mtimes):
-    parsed = parse_manifest(SPLITS[split]["manifest"])
-    return shard_rows(parsed.rows, SPLITS[split]["shards"])
+def _index(split, stats):
+    return ShardIndex.load(SPLITS[split]["manifest"], SPLITS[split]["shards"], INDEX_CACHE)
 
 
-def shard_of_split(split, k):
+def shard_index(split):
+    """Row digest and audio paths of each shard of the split (see pipeline/data/manifest.py).
+    Cached under .snakemake/ keyed by the manifests' bytes; in this process, by their stat."""
     ms = manifest_of(split)
-    return _sharded(split, tuple(os.stat(m).st_mtime_ns for m in ms))[k]
+    return _index(split, tuple((st.st_size, st.st_mtime_ns, st.st_ino) for st in map(os.stat, ms)))
 
 
 def shard_paths(split):
