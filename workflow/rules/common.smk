@@ -5,9 +5,12 @@
 import functools
 import json
 import os
+import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)
+
+from snakemake.logging import logger
 
 from pipeline.data.manifest import ShardIndex
 from pipeline.settings import (PHASES, PRECOMPUTE_DEFAULTS, adapter_settings, lora_adapters,
@@ -17,7 +20,8 @@ DEMO_DIR = "data/demo"
 RESULTS = "results"
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
-PY = f"{sys.executable} -m pipeline"
+# quoted: an interpreter inside a path with a space (a venv in "My Projects/") runs every rule
+PY = f"{shlex.quote(sys.executable)} -m pipeline"
 # a parse-time cache (never read by a rule): the manifest index
 INDEX_CACHE = ".snakemake/phase11-manifest-index"
 
@@ -48,6 +52,19 @@ def manifest_key(split):
     return "manifest" if split == "train" else "heldout_manifest"
 
 
+def check_manifests():
+    """A manifest that does not exist fails at parse time, naming its config key. (Raised in an
+    input function instead, the error is swallowed whenever the results already exist: Snakemake
+    then says "Nothing to be done".) The demo's manifests are written by the demo_data checkpoint."""
+    for split, s in SPLITS.items():
+        for m in s["manifest"]:
+            if not is_demo(m) and not os.path.isfile(m):
+                raise WorkflowError(f"{split} manifest {m!r} does not exist (config key {manifest_key(split)})")
+
+
+check_manifests()
+
+
 def manifest_of(split):
     """The split's manifest paths; waits for the demo corpus checkpoint when one is the demo's."""
     for m in SPLITS[split]["manifest"]:
@@ -73,6 +90,32 @@ def shard_index(split):
 def shard_paths(split):
     s = SPLITS[split]
     return [f"{RESULTS}/{s['cache']}/shard-{k:03d}.zarr" for k in range(s["shards"])]
+
+
+_FORCED = set()
+
+
+def rebuild_if_deleted(split, k):
+    """A shard folder deleted after the run is rebuilt, and what was built from it reruns.
+
+    Snakemake alone says "Nothing to be done": it rebuilds a missing intermediate output only when
+    a job downstream has to run anyway (DAG.update_needrun). Evidence that the shard was built:
+    its split's summary.json, built from every shard, exists. Such a shard is forced, as
+    `--forcerun` would (Snakemake reruns forced jobs and everything downstream of them). It cannot
+    go into workflow.dag_settings.forcerun at parse time: Snakemake assigns the DAG settings after
+    parsing the Snakefile (api.py, DAGApi). This runs in the shard job's input function, while the
+    DAG is built and before it decides what must run."""
+    path = shard_paths(split)[k]
+    summary = f"{RESULTS}/{SPLITS[split]['summary']}/summary.json"
+    if not workflow.is_main_process or path in _FORCED or os.path.exists(path) or not os.path.exists(summary):
+        return
+    dag = workflow.dag
+    if dag is None:             # not building a DAG (--lint, --list-rules ...)
+        return
+    _FORCED.add(path)
+    logger.warning(f"{path} is missing although {summary}, built from it, exists: rebuilding it "
+                   "(and rerunning what depends on it)")
+    dag.forcefiles.add(path)
 
 
 # ---- codec ---------------------------------------------------------------------------------

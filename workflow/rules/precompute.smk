@@ -12,6 +12,7 @@ def shard_split(wc):
 
 
 def shard_manifests(wc):
+    rebuild_if_deleted(shard_split(wc), int(wc.shard))
     return [ancient(m) for m in manifest_of(shard_split(wc))]
 
 
