@@ -1,8 +1,10 @@
 # Helpers shared by the rules. The manifests are read at parse time to give every shard job two
 # digests as params, one of its rows and one of its audio files' sizes and mtimes. Nothing here
-# writes into the tree but a cache of that per-shard index under .snakemake/, which no rule reads
-# (files written at parse time elsewhere would refresh mtimes and rerun jobs).
+# writes into the tree but two caches under .snakemake/ that no rule reads (files written at parse
+# time elsewhere would refresh mtimes and rerun jobs): that per-shard index, and passed checks.
 import functools
+import glob
+import hashlib
 import json
 import os
 import shlex
@@ -22,8 +24,9 @@ LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 # quoted: an interpreter inside a path with a space (a venv in "My Projects/") runs every rule
 PY = f"{shlex.quote(sys.executable)} -m pipeline"
-# a parse-time cache (never read by a rule): the manifest index
+# parse-time caches (never read by a rule): the manifest index, passed config checks
 INDEX_CACHE = ".snakemake/phase11-manifest-index"
+CHECK_CACHE = ".snakemake/phase11-checked"
 
 # split -> where its manifest comes from and where its cache and accounting go
 SPLITS = {
@@ -173,14 +176,32 @@ def codec_config():
 
 def check_groups():
     """Every phase's parameter groups and LoRA targets against the model's parameter names,
-    at parse time: a bad pattern in a late phase fails before the first job runs."""
-    from pipeline.model.snac48 import check_phase_groups
+    at parse time: a bad pattern in a late phase fails before the first job runs.
+    A passed check is remembered under .snakemake/ (keyed by the codec config, the phases'
+    settings and the model code): importing torch and building the model on the meta device
+    cost more than the rest of a million-row dry run."""
     phases = {p: phase_settings(config, p) for p in ("warmup", "full")}
     phases.update({f"lora.adapters.{a}": adapter_settings(config, a) for a in ADAPTERS})
+    target_rate = config["codec"].get("target_rate", 48000)
+    model_code = hashlib.sha256()
+    for f in sorted(glob.glob(f"{workflow.basedir}/pipeline/model/*.py")):
+        with open(f, "rb") as fh:
+            model_code.update(fh.read())
+    key = hashlib.sha256(json.dumps([codec_config(), target_rate, phases, model_code.hexdigest()],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:24]
+    passed = f"{CHECK_CACHE}/groups-{key}"
+    if os.path.exists(passed):
+        return
+    from pipeline.model.snac48 import check_phase_groups
     try:
-        check_phase_groups(codec_config(), config["codec"].get("target_rate", 48000), phases)
+        check_phase_groups(codec_config(), target_rate, phases)
     except ValueError as e:
         raise WorkflowError(f"config error: {e}")
+    try:
+        os.makedirs(CHECK_CACHE, exist_ok=True)
+        open(passed, "w").close()
+    except OSError:
+        pass
 
 
 if workflow.is_main_process:      # not again inside every cluster job, which re-parses this file
