@@ -92,8 +92,12 @@ def main(argv=None) -> int:
     c.add_argument("--device", default="auto")
 
     c = sub.add_parser("bench", help="print throughput figures")
-    c.add_argument("what", choices=["precompute", "train"])
+    c.add_argument("what", choices=["precompute", "train", "dag"])
     c.add_argument("--seconds", type=float, default=20.0, help="audio seconds per measurement")
+    c.add_argument("--rows", type=int, default=100_000, help="dag: manifest lines")
+    c.add_argument("--shards", type=int, default=64, help="dag: precompute.shards")
+    c.add_argument("--rounds", type=int, default=3, help="dag: repetitions of each measurement")
+    c.add_argument("--keep", default=None, help="dag: build the synthetic tree in this folder and keep it")
 
     a = p.parse_args(argv)
     try:
@@ -153,7 +157,10 @@ def _run(a) -> int | None:
             infer.decode(a.model, a.codes, a.output, a.device)
     elif a.command == "bench":
         from . import bench
-        getattr(bench, a.what)(a.seconds)
+        if a.what == "dag":
+            bench.dag(a.rows, a.shards, a.rounds, a.keep)
+        else:
+            getattr(bench, a.what)(a.seconds)
 
 
 def _cache_info(a) -> int:
