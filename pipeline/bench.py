@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -265,7 +266,27 @@ def _fake_build(root: Path, dry_run_text: str) -> dict:
         else:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.touch()
-    return _check(_timed(_snakemake_args(["--touch", "--forceall", "--quiet"]), root), "snakemake --touch")
+    env = {"PATH": f"{_slurm_stubs(root)}{os.pathsep}{os.environ['PATH']}"}
+    return _check(_timed(_snakemake_args(["--touch", "--forceall", "--quiet"]), root, env), "snakemake --touch")
+
+
+def _slurm_stubs(root: Path) -> Path:
+    stubs = root / ".bench-slurm"
+    stubs.mkdir(exist_ok=True)
+    for name, body in _SLURM_STUBS.items():
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    return stubs
+
+
+def _scontrol_seconds() -> float | None:
+    """snakemake-executor-plugin-slurm runs `scontrol show config` when it is imported, i.e. in
+    every snakemake invocation, whatever the executor (timeout 10 s)."""
+    if not shutil.which("scontrol"):
+        return None
+    t0 = time.perf_counter()
+    subprocess.run(["scontrol", "show", "config"], capture_output=True, timeout=30)
+    return time.perf_counter() - t0
 
 
 def _jobstep_command(root: Path, force: str) -> str:
@@ -273,11 +294,7 @@ def _jobstep_command(root: Path, force: str) -> str:
     `--forcerun force`, captured from a stub sbatch (the stubs answer the plugin's account and
     partition queries). The main process is killed once the job is submitted, and .snakemake/ is
     put back as it was (the submission marked the job's output incomplete)."""
-    stubs = root / ".bench-slurm"
-    stubs.mkdir(exist_ok=True)
-    for name, body in _SLURM_STUBS.items():
-        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
-        (stubs / name).chmod(0o755)
+    stubs = _slurm_stubs(root)
     log, out = stubs / "sbatch.log", stubs / "snakemake.out"
     log.unlink(missing_ok=True)
     env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "STUB_LOG": str(log)}
@@ -305,7 +322,15 @@ def _jobstep_command(root: Path, force: str) -> str:
     finally:
         shutil.rmtree(root / ".snakemake")
         saved.rename(root / ".snakemake")
-    return log.read_text().split("--wrap=", 1)[1].strip()
+    cmd = shlex.split(log.read_text().split("--wrap=", 1)[1].strip())
+    # --wait-for-files lists the job's inputs (--wait-for-files-file: a list in the main process's
+    # temporary folder, gone with it, when more than 20): they all exist here, so no wait
+    for opt in ("--wait-for-files", "--wait-for-files-file"):
+        if opt in cmd:
+            i = cmd.index(opt)
+            j = next((k for k in range(i + 1, len(cmd)) if cmd[k].startswith("--")), len(cmd))
+            cmd = cmd[:i] + cmd[j:]
+    return shlex.join(cmd)
 
 
 def _median(xs):
@@ -326,6 +351,9 @@ def dag(rows: int = 100_000, shards: int = 64, rounds: int = 3, keep: str | None
         console.print(f"bench dag: {rows:,} rows in {shards} shards, tree built in "
                       f"{time.perf_counter() - t0:.0f} s under {root}")
         shutil.rmtree(root / ".snakemake", ignore_errors=True)
+        # every measured command sees the stubs first: a slow `scontrol` (a SLURM install whose
+        # controller does not answer) would add its delay to each invocation
+        stub_env = {"PATH": f"{_slurm_stubs(root)}{os.pathsep}{os.environ['PATH']}"}
         runs = {}
 
         def add(name, r):
@@ -333,7 +361,7 @@ def dag(rows: int = 100_000, shards: int = 64, rounds: int = 3, keep: str | None
 
         # the first dry run parses the manifest and checks the config; later ones find both under
         # .snakemake/ (the manifest index is rebuilt after every manifest edit)
-        cold = _check(_timed(_snakemake_args(["-n"]), root), "dry run")
+        cold = _check(_timed(_snakemake_args(["-n"]), root, stub_env), "dry run")
         add("dry run, first (no caches)", cold)
         _fake_build(root, cold["out"])
         noop, edited = "no-op rerun", "dry run, index rebuilt"
@@ -341,11 +369,11 @@ def dag(rows: int = 100_000, shards: int = 64, rounds: int = 3, keep: str | None
                 "cluster job train": _jobstep_command(root, "results/phase11/warmup/model.safetensors")}
         for _ in range(rounds):
             shutil.rmtree(root / ".snakemake/phase11-manifest-index")
-            add(edited, _check(_timed(_snakemake_args(["-n"]), root), edited, "Nothing to be done"))
-            add("dry run", _check(_timed(_snakemake_args(["-n"]), root), "dry run", "Nothing to be done"))
-            add(noop, _check(_timed(_snakemake_args(), root), noop, "Nothing to be done"))
+            add(edited, _check(_timed(_snakemake_args(["-n"]), root, stub_env), edited, "Nothing to be done"))
+            add("dry run", _check(_timed(_snakemake_args(["-n"]), root, stub_env), "dry run", "Nothing to be done"))
+            add(noop, _check(_timed(_snakemake_args(), root, stub_env), noop, "Nothing to be done"))
             for name, cmd in jobs.items():
-                add(name, _check(_timed(["bash", "-c", cmd + " --dry-run --printshellcmds"], root), name))
+                add(name, _check(_timed(["bash", "-c", cmd + " --dry-run --printshellcmds"], root, stub_env), name))
     t = Table(title=f"Snakemake with a {rows:,}-row manifest, {shards} shards "
                     f"({os.cpu_count()} CPUs, load average {load0:.1f} at start, "
                     f"{os.getloadavg()[0]:.1f} at end)")
@@ -358,11 +386,17 @@ def dag(rows: int = 100_000, shards: int = 64, rounds: int = 3, keep: str | None
                   f"{_median(cpu):.1f}", f"{rss:.0f}")
         result[name] = {"wall": wall, "cpu": cpu, "rss_mb": rss}
     console.print(t, width=max(console.width, 100))
+    sc = _scontrol_seconds()
+    if sc is not None:
+        console.print(f"Not counted above: `scontrol show config` took {sc:.1f} s here; "
+                      "snakemake-executor-plugin-slurm runs it on import, in every snakemake invocation "
+                      "(a stub stood in for it).")
     console.print(
         f"dry run: snakemake -n {DAG_TARGET}; first: no caches under .snakemake/ (the manifest index, the "
         "passed parameter-group check: torch imported); index rebuilt: the manifest parsed again, as after "
         "any manifest edit. no-op rerun: snakemake without -n after everything was built (outputs "
         "created, then recorded by --touch). cluster job: the command snakemake-executor-plugin-slurm "
         "submits for that job (captured from a stub sbatch) with --dry-run --printshellcmds appended: "
-        "everything but running the shell command. wall and CPU s: medians; peak RSS: the largest process.")
+        "everything but running the shell command (its --wait-for-files dropped: the files exist). "
+        "wall and CPU s: medians; peak RSS: the largest process.")
     return result
