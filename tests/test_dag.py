@@ -295,3 +295,8 @@ def test_20k_rows_shard_jobs_take_digests_not_audio_inputs(tmp_path):
                    "--dry-run", "--printshellcmds", target=None)
     assert [j["rule"] for j in r.jobs] == ["precompute_shard"]
     assert f"precompute-shard --manifest {manifest} --shard {k:03d} --n-shards 8" in r.out, r.out[-3000:]
+    # a training job's DAG holds every shard job too; it formats its own command only
+    r = _snakemake(root, "--target-jobs", "train:phase=warmup", "--allowed-rules", "train", "--force", "--nolock",
+                   "--ignore-incomplete", "--mode", "remote", "--dry-run", "--printshellcmds", target=None)
+    assert [j["rule"] for j in r.jobs] == ["train"]
+    assert "pipeline train --phase warmup" in r.out, r.out[-3000:]

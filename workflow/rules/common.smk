@@ -90,6 +90,24 @@ def shard_index(split):
     return _index(split, tuple((st.st_size, st.st_mtime_ns, st.st_ino) for st in map(os.stat, ms)))
 
 
+def evaluated_here(rule, wc):
+    """Whether this process needs the params of that job. A cluster job (the SLURM plugin's
+    jobstep: `snakemake --target-jobs RULE:WILDCARDS --mode remote ...`) re-parses the workflow
+    and builds the DAG around its target, creating the jobs upstream of it too, and evaluates
+    the params of every job in its DAG (DAG.update_conda_envs); it runs and records only its
+    target(s). A train job would otherwise stat every audio file of every shard."""
+    if workflow.is_main_process:
+        return True
+    targets = getattr(workflow.dag_settings, "target_jobs", None)
+    if not targets:
+        return True
+    w = dict(wc.items())
+    return any(t.rulename == rule and dict(t.wildcards_dict) == w for t in targets)
+
+
+NOT_EVALUATED = "(not evaluated in a cluster job of another rule)"
+
+
 def shard_paths(split):
     s = SPLITS[split]
     return [f"{RESULTS}/{s['cache']}/shard-{k:03d}.zarr" for k in range(s["shards"])]

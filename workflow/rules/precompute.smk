@@ -23,8 +23,10 @@ rule precompute_shard:
     output:
         directory(f"{RESULTS}/{{cachedir}}/shard-{{shard}}.zarr"),
     params:
-        rows=lambda wc: shard_index(shard_split(wc)).rows_digest(int(wc.shard)),
-        audio=lambda wc: shard_index(shard_split(wc)).audio_digest(int(wc.shard)),
+        rows=lambda wc: (shard_index(shard_split(wc)).rows_digest(int(wc.shard))
+                         if evaluated_here("precompute_shard", wc) else NOT_EVALUATED),
+        audio=lambda wc: (shard_index(shard_split(wc)).audio_digest(int(wc.shard))
+                          if evaluated_here("precompute_shard", wc) else NOT_EVALUATED),
         n_shards=lambda wc: SPLITS[shard_split(wc)]["shards"],
         settings=json.dumps(precompute_settings(), sort_keys=True),
         codec=codec_dir(),
