@@ -368,7 +368,7 @@ def dag(rows: int = 100_000, shards: int = 64, rounds: int = 3, keep: str | None
         jobs = {"cluster job precompute_shard": _jobstep_command(root, "results/cache/shard-007.zarr"),
                 "cluster job train": _jobstep_command(root, "results/phase11/warmup/model.safetensors")}
         for _ in range(rounds):
-            shutil.rmtree(root / ".snakemake/phase11-manifest-index")
+            shutil.rmtree(root / ".snakemake/phase11-manifest-index", ignore_errors=True)
             add(edited, _check(_timed(_snakemake_args(["-n"]), root, stub_env), edited, "Nothing to be done"))
             add("dry run", _check(_timed(_snakemake_args(["-n"]), root, stub_env), "dry run", "Nothing to be done"))
             add(noop, _check(_timed(_snakemake_args(), root, stub_env), noop, "Nothing to be done"))
