@@ -139,6 +139,17 @@ def rebuild_if_deleted(split, k):
     dag.forcefiles.add(path)
 
 
+def shard_split(wc):
+    return CACHE_SPLIT[wc.cachedir]
+
+
+def shard_manifests(wc):
+    """A shard job's manifest inputs (ancient: editing one line must not rerun every shard;
+    the rows digest param reruns the line's own shard)."""
+    rebuild_if_deleted(shard_split(wc), int(wc.shard))
+    return [ancient(m) for m in manifest_of(shard_split(wc))]
+
+
 # ---- codec ---------------------------------------------------------------------------------
 def codec_dir():
     return config["codec"]["pretrained"] or f"{RESULTS}/codec/demo"

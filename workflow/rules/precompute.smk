@@ -7,15 +7,6 @@
 # file reruns only its shard). See common.smk (shard_index) and pipeline/data/manifest.py.
 
 
-def shard_split(wc):
-    return CACHE_SPLIT[wc.cachedir]
-
-
-def shard_manifests(wc):
-    rebuild_if_deleted(shard_split(wc), int(wc.shard))
-    return [ancient(m) for m in manifest_of(shard_split(wc))]
-
-
 rule precompute_shard:
     input:
         manifest=shard_manifests,
