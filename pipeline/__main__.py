@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     c.add_argument("--codec", required=True, help="codec folder (config.json + weights)")
     c.add_argument("--out", required=True)
     c.add_argument("--settings", type=_json, default={})
+    c.add_argument("--runtime", type=_json, default={}, help="runtime knobs (JSON: device), merged over --settings")
 
     c = sub.add_parser("precompute-summary", help="rejects.jsonl + summary.json for a manifest")
     c.add_argument("--manifest", required=True, nargs="+")
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
     c.add_argument("--chunk-seconds", type=float, default=None, help=CHUNK_HELP)
 
     c = sub.add_parser("bench", help="print throughput figures")
-    c.add_argument("what", choices=["precompute", "train", "memory"])
+    c.add_argument("what", choices=["precompute", "train", "memory", "dag"])
     c.add_argument("--seconds", type=float, default=20.0, help="precompute: audio seconds per measurement")
     c.add_argument("--cache-hours", type=float, default=1.0,
                    help="train: hours of synthetic cache, built once under results/bench/ and reused")
@@ -165,6 +166,10 @@ def main(argv=None) -> int:
                    help="train: compare a training phase run as 1 and as N processes (DDP) instead")
     c.add_argument("--configfile", nargs="+", default=["config/snac_24khz.yaml"],
                    help="memory: the preset(s) to size, layered over config/config.yaml")
+    c.add_argument("--rows", type=int, default=100_000, help="dag: manifest lines")
+    c.add_argument("--shards", type=int, default=64, help="dag: precompute.shards")
+    c.add_argument("--rounds", type=int, default=3, help="dag: repetitions of each measurement")
+    c.add_argument("--keep", default=None, help="dag: build the synthetic tree in this folder and keep it")
 
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
@@ -258,7 +263,7 @@ def _run(a) -> int | None:
         train_demo_codec(a.manifest, a.out, a.settings)
     elif a.command == "precompute-shard":
         from .data.precompute import run_shard
-        run_shard(a.manifest, a.shard, a.n_shards, a.codec, a.out, a.settings)
+        run_shard(a.manifest, a.shard, a.n_shards, a.codec, a.out, {**a.settings, **a.runtime})
     elif a.command == "precompute-summary":
         from .data.precompute import summarize
         summarize(a.manifest, a.shards, a.out_dir)
@@ -319,7 +324,9 @@ def _run(a) -> int | None:
         report(a.configfile)
     elif a.command == "bench":
         from . import bench
-        if a.what == "train" and a.nproc_per_node:
+        if a.what == "dag":
+            bench.dag(a.rows, a.shards, a.rounds, a.keep)
+        elif a.what == "train" and a.nproc_per_node:
             bench.processes(a.nproc_per_node)
         elif a.what == "train":
             bench.train(a.cache_hours, a.workers, a.segment_seconds)

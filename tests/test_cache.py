@@ -17,7 +17,7 @@ from pipeline.data.precompute import run_shard
 
 
 @pytest.fixture(scope="module")
-def built(tiny_codec_dir, tmp_path_factory):
+def cache_built(tiny_codec_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("cache")
     write_audio(d / "a.wav", speechlike(1.3, 48000, seed=1), 48000)
     write_audio(d / "b.wav", speechlike(0.9, 96000, seed=2), 96000)
@@ -26,11 +26,11 @@ def built(tiny_codec_dir, tmp_path_factory):
     return d
 
 
-def test_digest_is_written_at_close_and_follows_the_content(built, tiny_codec_dir, tmp_path):
-    sh = C.Shard(built / "cache" / "shard-000.zarr")
+def test_digest_is_written_at_close_and_follows_the_content(cache_built, tiny_codec_dir, tmp_path):
+    sh = C.Shard(cache_built / "cache" / "shard-000.zarr")
     assert len(sh.digest) == 64 and sh.verify() == []
     # the same rows give the same digest; another shard index (same data) another one
-    m = built / "m.jsonl"
+    m = cache_built / "m.jsonl"
     run_shard(m, 0, 1, tiny_codec_dir, tmp_path / "again.zarr")
     assert C.Shard(tmp_path / "again.zarr").digest == sh.digest
     w = C.ShardWriter(tmp_path / "other.zarr", sh.fingerprint, sh.silence_codes, 1, 2)
@@ -40,18 +40,18 @@ def test_digest_is_written_at_close_and_follows_the_content(built, tiny_codec_di
     assert w.close([], {}) == C.Shard(tmp_path / "other.zarr").digest != sh.digest
 
 
-def test_check_runs_the_alignment_checks_with_a_codec(built, tiny_codec_dir, capsys):
-    assert main(["cache-info", str(built / "cache"), "--check", "--json"]) == 0
+def test_check_runs_the_alignment_checks_with_a_codec(cache_built, tiny_codec_dir, capsys):
+    assert main(["cache-info", str(cache_built / "cache"), "--check", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["shards"][0]["ok"] and "--codec" in info["note"] and "alignment" not in info["shards"][0]
-    assert main(["cache-info", str(built / "cache"), "--check", "--codec", str(tiny_codec_dir), "--json"]) == 0
+    assert main(["cache-info", str(cache_built / "cache"), "--check", "--codec", str(tiny_codec_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     r = info["shards"][0]["alignment"]
     assert r["checks"] > 0 and r["slicing_ok"] and r["reencode_match"] >= 0.9 and not info["problems"]
 
 
-def test_check_finds_a_table_edited_after_writing(built, tmp_path, capsys):
-    shutil.copytree(built / "cache", tmp_path / "cache")
+def test_check_finds_a_table_edited_after_writing(cache_built, tmp_path, capsys):
+    shutil.copytree(cache_built / "cache", tmp_path / "cache")
     import zarr
     g = zarr.open_group(tmp_path / "cache" / "shard-000.zarr", mode="r+")
     g["dataset_id"][0] = 7                                 # the data still reads; the digest says no
@@ -59,8 +59,8 @@ def test_check_finds_a_table_edited_after_writing(built, tmp_path, capsys):
     assert "digestmismatch" in "".join(capsys.readouterr().out.split())
 
 
-def test_a_chunk_gone_after_open_reads_as_the_sentinel_and_is_refused(built, tmp_path):
-    shutil.copytree(built / "cache", tmp_path / "cache")
+def test_a_chunk_gone_after_open_reads_as_the_sentinel_and_is_refused(cache_built, tmp_path):
+    shutil.copytree(cache_built / "cache", tmp_path / "cache")
     sh = C.Shard(tmp_path / "cache" / "shard-000.zarr")   # opened while complete
     os.unlink(tmp_path / "cache" / "shard-000.zarr" / "audio" / "c" / "0")
     with pytest.raises(C.CacheError, match=f"utterance '{sh.ids[0]}': audio reads as the fill value"):
@@ -81,8 +81,8 @@ class _FirstSegment(torch.utils.data.Dataset):
         return self.shard.segment(0, 0, self.shard.geometry.quantum)[1]
 
 
-def test_writer_refuses_the_missing_chunk_sentinel_and_a_stale_lock_does_not_block(built, tmp_path):
-    sh = C.Shard(built / "cache" / "shard-000.zarr")
+def test_writer_refuses_the_missing_chunk_sentinel_and_a_stale_lock_does_not_block(cache_built, tmp_path):
+    sh = C.Shard(cache_built / "cache" / "shard-000.zarr")
     codes, audio = sh.utterance(0)
     out = tmp_path / "s.zarr"
     (tmp_path / "s.zarr.lock").write_text("PID 999999 on a host that died\n")   # nobody holds it

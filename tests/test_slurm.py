@@ -50,7 +50,7 @@ OVERRIDE = {"slurm_partition": PARTITION, "slurm_account": None, "runtime": 15, 
 SPEED = {"jobs": 3, "slurm-init-seconds-before-status-checks": 2}
 # The rules whose command runs on a GPU when there is one (pipeline/__main__.py GPU_COMMANDS).
 GPU_RULES = {"precompute_shard", "train", "train_lora", "evaluate"}
-CPU_RULES = {"demo_data", "demo_codec", "precompute_summary", "export_final"}
+CPU_RULES = {"demo_data", "demo_codec", "precompute_summary", "export_final", "report_items"}
 HEADER = re.compile(r"^pipeline (\S+) on (\S+): SLURM_JOB_ID=(\S+) CUDA_VISIBLE_DEVICES=(\S*)$", re.M)
 SUBMITTED = re.compile(r"^Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)/\d+\.log\)", re.M)
 SBATCH = re.compile(r"^sbatch call: (sbatch .*? --output (\S+)/%j\.log .*?) --wrap=", re.M)

@@ -63,6 +63,8 @@ def make_tree(dest: Path, fast_yaml: str = FAST_YAML) -> Path:
     return dest
 
 
+
+
 def clone_tree(src: Path, dest: Path) -> Path:
     """Copy a built tree, .snakemake metadata included, keeping every mtime (copy2 + copystat)."""
     shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns("locks"))

@@ -1,23 +1,41 @@
-"""Manifest parsing and sharding.
+"""Manifest parsing, sharding, and the per-shard digests the Snakefile gives its shard jobs.
 
 A manifest is JSONL, one utterance a line: `audio` (required; relative paths resolve against
 the manifest's folder), optional `id` (default: the `audio` string as written), `text`,
 `duration`, `dataset_id` (default 0). Several manifests can be given (each row keeps its
-dataset_id and remembers its manifest as `source`, for sampling weights). Blank lines are skipped; every other line is either a
-`Row` or a reject with a reason. Rows go to shards by a stable hash of their id, so adding one
-utterance changes one shard. The Snakefile calls this at parse time (to give each shard job its
-audio files as inputs and a digest of its rows as a param) and each shard job calls it again.
+dataset_id and remembers its manifest as `source`, for sampling weights). Blank lines are skipped;
+every other line is either a `Row` or a reject with a reason. Rows go to shards by a stable hash
+of their id, so adding one utterance changes one shard.
+
+At parse time the Snakefile needs, per shard, two short digests (Snakemake params), never the
+audio files as inputs (a million declared inputs cost minutes per invocation):
+  rows   changes exactly when the shard's rows do (an edited, added or removed line);
+  audio  changes when one of the shard's audio files changes size or mtime, appears or vanishes.
+`ShardIndex` computes them. Parsing a million rows takes seconds, so the index (each shard's
+row digest and audio paths) is cached under `.snakemake/`, keyed by the manifests' bytes; the
+audio files themselves are stat()ed on every use (about 1 s per million files). Each shard job
+parses the manifests again with `parse_manifest` and takes its own rows.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import io
 import json
 import os
-from dataclasses import asdict, dataclass
+import shutil
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import orjson
+
+INDEX_FORMAT = 1     # bump when what the index holds or how its digests are computed changes
+INDEX_KEEP = 4       # newest cache entries kept (one per manifest version or shard count)
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):   # a NamedTuple: a million of them are built at parse time (3x faster than a frozen dataclass)
     line: int
     id: str
     audio: str          # as resolved: manifest folder joined with the manifest's `audio`
@@ -25,6 +43,9 @@ class Row:
     text: str | None = None
     duration: float | None = None
     source: int = 0     # which manifest (index in the configured list) the row comes from
+
+
+_new_row = tuple.__new__     # Row(...) without the Python-level __new__ that handles defaults
 
 
 @dataclass
@@ -40,54 +61,146 @@ def as_paths(manifest) -> list:
     return [os.fspath(manifest)] if isinstance(manifest, (str, os.PathLike)) else [os.fspath(m) for m in manifest]
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def parse_manifest(paths) -> Parsed:
     """One manifest path or a list of them (rows remember their `source` index; ids must be
     unique across all of them). Rejects carry the manifest path and the line number in it."""
     paths = as_paths(paths)
-    rows, rejects, seen = [], [], {}
-    lines = blank = 0
-    for source, path in enumerate(map(os.fspath, paths)):
-        base = os.path.dirname(path)
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    blank += 1
-                    continue
-                lines += 1
-                row, reason, extra = _parse_line(raw, n, base, source)
-                if row is not None and row.id in seen:
-                    row, reason = None, f"duplicate id (first in {seen[row.id][0]} line {seen[row.id][1]})"
-                if row is None:
-                    rejects.append({"manifest": path, "line": n, **extra, "reason": reason})
-                else:
-                    seen[row.id] = (path, n)
-                    rows.append(row)
-    return Parsed(rows, rejects, lines, blank)
+    parsed = Parsed([], [], 0, 0)
+    with _no_gc():
+        parsed.rows = list(_iter_rows(paths, [_read(p) for p in paths], parsed))
+    return parsed
 
 
-def _parse_line(raw: str, n: int, base: str, source: int = 0):
+@contextlib.contextmanager
+def _no_gc():
+    """A million rows are a million tracked objects: the cyclic GC would rescan the growing heap
+    again and again (half the parse time); none of these objects can form a cycle."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        obj = json.loads(raw)
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _iter_rows(paths: list, datas: list, parsed: Parsed):
+    """Yields the rows; counts lines and blank lines and collects the rejects into `parsed`."""
+    seen = {}         # id -> source << 40 | line of its first row
+    for source, (path, data) in enumerate(zip(paths, datas)):
+        resolve = _Resolver(os.path.dirname(path))
+        if b"\r" in data:   # the line ends text mode knows: \r\n and a lone \r
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        for n, raw in enumerate(io.BytesIO(data), start=1):
+            row, reason, extra = _parse_line(raw, n, resolve, source)
+            if reason is None and row is None:
+                parsed.blank += 1
+                continue
+            parsed.lines += 1
+            if row is not None:
+                first = seen.setdefault(row.id, source << 40 | n)
+                if first == source << 40 | n:
+                    yield row
+                    continue
+                extra = _extra(_loads_any(raw))
+                reason = f"duplicate id (first in {paths[first >> 40]} line {first & (1 << 40) - 1})"
+            parsed.rejects.append({"manifest": path, "line": n, **extra, "reason": reason})
+
+
+def _loads_any(raw: bytes):
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw.decode("utf-8", errors="replace"))
+
+
+def _parse_line(raw: bytes, n: int, resolve, source: int = 0):
+    """-> (Row, None, {}), (None, reason, extra) or (None, None, {}) for a blank line.
+
+    orjson parses a million lines in about a second; the standard library (8x slower) decides
+    whatever orjson refuses or reads differently (NaN, invalid UTF-8, lone surrogates, integers
+    beyond 64 bits, which orjson turns into floats), so every line means what it always meant."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = None
+    else:
+        row = _row(obj, n, resolve, source)
+        if row is not None and (row.duration.__class__ is not float or -9e18 < row.duration < 9e18):
+            return row, None, {}
+    text = raw.decode("utf-8", errors="replace")    # undecodable bytes replaced, as always
+    if not text.strip():
+        return None, None, {}
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         return None, f"malformed JSON: {e.msg} at column {e.colno}", {}
+    row = _row(obj, n, resolve, source)
+    if row is not None:
+        return row, None, {}
     if not isinstance(obj, dict):
         return None, f"a line must be a JSON object, got {type(obj).__name__}", {}
-    extra = {k: obj[k] for k in ("id", "audio") if isinstance(obj.get(k), str)}
     audio = obj.get("audio")
-    if not isinstance(audio, str) or not audio.strip():
-        return None, "missing `audio`" if audio is None else "`audio` must be a non-empty string", extra
     uid = obj.get("id", audio)
-    if not isinstance(uid, str) or not uid:
-        return None, "`id` must be a non-empty string", extra
     ds = obj.get("dataset_id", 0)
-    if isinstance(ds, bool) or not isinstance(ds, int) or ds < 0:
-        return None, "`dataset_id` must be a non-negative integer", extra
+    if not isinstance(audio, str) or not audio.strip():
+        reason = "missing `audio`" if audio is None else "`audio` must be a non-empty string"
+    elif not isinstance(uid, str) or not uid:
+        reason = "`id` must be a non-empty string"
+    elif type(ds) is not int or ds < 0:
+        reason = "`dataset_id` must be a non-negative integer"
+    else:
+        reason = "`duration` must be a number"
+    return None, reason, _extra(obj)
+
+
+def _row(obj, n: int, resolve, source: int):
+    """The Row of a parsed line, or None if the line is to be rejected (`_parse_line` says why)."""
+    if obj.__class__ is not dict:
+        return None
+    audio = obj.get("audio")
+    uid = obj.get("id", audio)
+    ds = obj.get("dataset_id", 0)
     duration = obj.get("duration")
-    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))):
-        return None, "`duration` must be a number", extra
+    if (audio.__class__ is not str or not audio.strip() or uid.__class__ is not str or not uid
+            or ds.__class__ is not int or ds < 0
+            or (duration is not None and duration.__class__ is not float and duration.__class__ is not int)):
+        return None
     text = obj.get("text")
-    resolved = os.path.normpath(os.path.join(base, os.path.expanduser(audio)))
-    return Row(n, uid, resolved, ds, text if isinstance(text, str) else None, duration, source), None, extra
+    return _new_row(Row, (n, uid, resolve(audio), ds, text if text.__class__ is str else None, duration, source))
+
+
+def _extra(obj: dict) -> dict:
+    """What a reject shows of its line: `id` and `audio` as written, where they are strings."""
+    return {k: obj[k] for k in ("id", "audio") if isinstance(obj.get(k), str)}
+
+
+class _Resolver:
+    """os.path.normpath(os.path.join(base, os.path.expanduser(audio))), with the folder part
+    normalized once per folder: the rows of a corpus share a few thousand folders."""
+
+    def __init__(self, base: str):
+        self.base, self.dirs = base, {}
+
+    def __call__(self, audio: str) -> str:
+        cut = audio.rfind("/") + 1
+        name = audio[cut:]
+        if name in ("", ".", "..") or audio[0] == "~":
+            return os.path.normpath(os.path.join(self.base, os.path.expanduser(audio)))
+        folder = audio[:cut]
+        d = self.dirs.get(folder)
+        if d is None:
+            # normpath(join(base, folder + name)) == normpath(join(base, folder)) + "/" + name
+            # for a plain final component; "." and a root ("/", "//") are the special cases
+            d = os.path.normpath(os.path.join(self.base, folder or "."))
+            d = "" if d == "." else d if d.endswith("/") else d + "/"
+            self.dirs[folder] = d
+        return d + name
 
 
 def shard_of(uid: str, n_shards: int) -> int:
@@ -96,16 +209,185 @@ def shard_of(uid: str, n_shards: int) -> int:
 
 def shard_rows(rows, n_shards: int) -> list:
     out = [[] for _ in range(n_shards)]
+    sha1, frombytes = hashlib.sha1, int.from_bytes
     for r in rows:
-        out[shard_of(r.id, n_shards)].append(r)
+        out[frombytes(sha1(r.id.encode("utf-8")).digest()[:8], "big") % n_shards].append(r)
     return out
 
 
 def rows_digest(rows) -> str:
-    """Digest of a shard's rows, for Snakemake params: changes exactly when the shard's lines do."""
+    """Digest of a shard's rows, for Snakemake params: changes exactly when the shard's lines do
+    (moving a line within the manifest changes nothing cached, so the line number is left out)."""
     h = hashlib.sha256()
     for r in rows:
-        d = asdict(r)
-        d.pop("line")   # moving a line within the manifest changes nothing cached
-        h.update(json.dumps(d, sort_keys=True).encode())
+        h.update(_row_bytes(r))
     return h.hexdigest()[:16]
+
+
+def _row_bytes(r: Row) -> bytes:
+    # repr: exact for any str (surrogates escaped), int and float (NaN too)
+    return repr((r.id, r.audio, r.dataset_id, r.text, r.duration, r.source)).encode() + b"\n"
+
+
+def audio_digest(paths) -> str:
+    """Digest of (path, size, mtime) of each file, or of its absence: changes when a file is
+    rewritten, replaced, touched, created or deleted. Content is never read (see the README on
+    filesystems with coarse mtimes)."""
+    h = hashlib.sha256("\0".join(paths).encode("utf-8", "surrogatepass"))
+    h.update(repr(file_stats(paths)).encode())
+    return h.hexdigest()[:16]
+
+
+SLOW_STAT_S = 20e-6       # a stat() slower than this on average: a network filesystem
+STAT_THREADS = 16
+
+
+def file_stats(paths) -> list:
+    """(size, mtime_ns) of each path, None where it cannot be stat()ed. On a local disk a stat()
+    takes about a microsecond; on a network filesystem (NFS, Lustre) it is a round trip, so if
+    the first few hundred are slow the rest are spread over threads (stat releases the GIL)."""
+    paths = list(paths)
+    probe = min(len(paths), 256)
+    t0 = time.perf_counter()
+    out = _stats(paths[:probe])
+    if probe == len(paths) or (time.perf_counter() - t0) / max(probe, 1) < SLOW_STAT_S:
+        return out + _stats(paths[probe:])
+    from concurrent.futures import ThreadPoolExecutor
+    rest = paths[probe:]
+    step = -(-len(rest) // (STAT_THREADS * 8))
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
+        for part in pool.map(_stats, [rest[i:i + step] for i in range(0, len(rest), step)]):
+            out += part
+    return out
+
+
+def _stats(paths) -> list:
+    out, stat = [], os.stat
+    for p in paths:
+        try:
+            st = stat(p)
+            out.append((st.st_size, st.st_mtime_ns))
+        except (OSError, ValueError):      # ValueError: a NUL in the path
+            out.append(None)
+    return out
+
+
+class ShardIndex:
+    """Per shard of a list of manifests: the digest of its rows and its audio paths.
+
+    `ShardIndex.load(manifests, n_shards, cache_dir)` reads the manifests (the bytes are the
+    cache key: an edit is seen whatever the filesystem's mtime resolution), and either loads the
+    cached index or parses them and writes one. A cluster job needs one shard: it loads the small
+    index and that shard's path list, never the other shards'. Any unreadable cache entry is
+    rebuilt; the cache is only an accelerator and holds nothing else.
+    """
+
+    def __init__(self, key: str, rows: list, counts: list, paths=None, folder=None, manifests=None):
+        self.key, self._rows, self.counts = key, rows, counts
+        self._paths, self._folder, self._manifests = paths, folder, manifests
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._rows)
+
+    def rows_digest(self, k: int) -> str:
+        return self._rows[k]
+
+    def audio_paths(self, k: int) -> list:
+        if self._paths is not None:
+            return self._paths[k]
+        try:
+            with open(os.path.join(self._folder, f"paths-{k:04d}.json"), "rb") as f:
+                data = f.read()
+        except OSError:         # pruned by another process meanwhile: parse the manifests again
+            datas = [_read(p) for p in self._manifests]
+            if self.key_of(self._manifests, datas, self.n_shards) != self.key:
+                raise RuntimeError(f"manifests {self._manifests} changed while Snakemake was reading them") from None
+            self._paths = self.build(self._manifests, datas, self.n_shards, self.key)._paths
+            return self._paths[k]
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:     # lone surrogates, which only the standard library reads
+            return json.loads(data)
+
+    def audio_digest(self, k: int) -> str:
+        return audio_digest(self.audio_paths(k))
+
+    # ---- building and caching ----------------------------------------------------------------
+    @staticmethod
+    def key_of(paths: list, datas: list, n_shards: int) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{INDEX_FORMAT}\0{n_shards}\0{len(paths)}\0".encode())
+        for p, d in zip(paths, datas):
+            h.update(f"{p}\0{len(d)}\0".encode("utf-8", "surrogatepass"))
+            h.update(d)
+        return h.hexdigest()
+
+    @classmethod
+    def build(cls, paths: list, datas: list, n_shards: int, key: str | None = None) -> "ShardIndex":
+        """One pass, no Row kept: per shard a running digest (rows_digest's, fed row by row) and
+        the audio paths."""
+        hashers = [hashlib.sha256() for _ in range(n_shards)]
+        audio = [[] for _ in range(n_shards)]
+        sha1, frombytes = hashlib.sha1, int.from_bytes
+        with _no_gc():
+            for r in _iter_rows(paths, datas, Parsed([], [], 0, 0)):
+                k = frombytes(sha1(r.id.encode("utf-8")).digest()[:8], "big") % n_shards
+                hashers[k].update(_row_bytes(r))
+                audio[k].append(r.audio)
+        return cls(key or cls.key_of(paths, datas, n_shards), [h.hexdigest()[:16] for h in hashers],
+                   [len(a) for a in audio], paths=audio)
+
+    @classmethod
+    def load(cls, manifests, n_shards: int, cache_dir=None) -> "ShardIndex":
+        paths = as_paths(manifests)
+        datas = [_read(p) for p in paths]
+        key = cls.key_of(paths, datas, n_shards)
+        if cache_dir is not None:
+            folder = os.path.join(os.fspath(cache_dir), key)
+            try:
+                with open(os.path.join(folder, "index.json"), "rb") as f:
+                    meta = orjson.loads(f.read())
+                if meta["format"] == INDEX_FORMAT and len(meta["rows"]) == n_shards:
+                    return cls(key, meta["rows"], meta["counts"], folder=folder, manifests=paths)
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError):     # damaged: rebuilt below
+                shutil.rmtree(folder, ignore_errors=True)
+        index = cls.build(paths, datas, n_shards, key)
+        if cache_dir is not None:
+            index._save(os.fspath(cache_dir), paths)
+        return index
+
+    def _save(self, cache_dir: str, manifests: list) -> None:
+        """Write atomically (a temporary folder renamed into place); a failure only costs speed."""
+        folder = os.path.join(cache_dir, self.key)
+        tmp = os.path.join(cache_dir, f".tmp-{self.key}-{os.getpid()}")
+        try:
+            os.makedirs(tmp, exist_ok=True)
+            for k, ps in enumerate(self._paths):
+                with open(os.path.join(tmp, f"paths-{k:04d}.json"), "w", encoding="ascii") as f:
+                    json.dump(ps, f)
+            with open(os.path.join(tmp, "index.json"), "wb") as f:   # last: its presence means complete
+                f.write(json.dumps({"format": INDEX_FORMAT, "manifests": manifests, "rows": self._rows,
+                                    "counts": self.counts, "created": time.time()}).encode())
+            try:
+                os.rename(tmp, folder)
+            except OSError:          # another process wrote the same entry first
+                shutil.rmtree(tmp, ignore_errors=True)
+            _prune(cache_dir, keep=self.key)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune(cache_dir: str, keep: str) -> None:
+    """Keep the INDEX_KEEP newest entries (and always `keep`); drop leftovers of killed writers."""
+    try:
+        entries = [e for e in os.scandir(cache_dir) if e.is_dir()]
+    except OSError:
+        return
+    now = time.time()
+    stale = [e for e in entries if e.name.startswith(".tmp-") and now - e.stat().st_mtime > 3600]
+    done = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.stat().st_mtime, reverse=True)
+    for e in stale + [e for e in done[INDEX_KEEP:] if e.name != keep]:
+        shutil.rmtree(e.path, ignore_errors=True)

@@ -1,15 +1,22 @@
-# Helpers shared by the rules. Nothing here writes into the tree: the manifests are only read
-# (at parse time) to give every shard job its audio files as inputs and a digest of its rows.
+# Helpers shared by the rules. The manifests are read at parse time to give every shard job two
+# digests as params, one of its rows and one of its audio files' sizes and mtimes. Nothing here
+# writes into the tree but two caches under .snakemake/ that no rule reads (files written at parse
+# time elsewhere would refresh mtimes and rerun jobs): that per-shard index, and passed checks.
 import functools
+import glob
+import hashlib
 import json
 import os
+import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from pipeline.data.manifest import parse_manifest, rows_digest, shard_rows
+from snakemake.logging import logger
+
+from pipeline.data.manifest import ShardIndex
 from pipeline.settings import (PHASE_CHAIN, PHASES, PRECOMPUTE_DEFAULTS, adapter_settings, lora_adapters,
-                               manifest_entries, merge, phase_settings, run_settings, runtime_settings,
+                               manifest_entries, phase_settings, run_settings, runtime_settings,
                                with_defaults)
 
 config.update(with_defaults(config))      # the schema's defaults (validated without filling them in)
@@ -18,7 +25,11 @@ DEMO_DIR = "data/demo"
 RESULTS = "results"
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
-PY = f"{sys.executable} -m pipeline"
+# quoted: an interpreter inside a path with a space (a venv in "My Projects/") runs every rule
+PY = f"{shlex.quote(sys.executable)} -m pipeline"
+# parse-time caches (never read by a rule): the manifest index, passed config checks
+INDEX_CACHE = ".snakemake/phase11-manifest-index"
+CHECK_CACHE = ".snakemake/phase11-checked"
 
 # split -> where its manifest comes from and where its cache and accounting go
 SPLITS = {
@@ -43,31 +54,103 @@ def is_demo(path):
     return os.path.abspath(path).startswith(os.path.abspath(DEMO_DIR) + os.sep)
 
 
+def manifest_key(split):
+    return "manifest" if split == "train" else "heldout_manifest"
+
+
+def check_manifests():
+    """A manifest that does not exist fails at parse time, naming its config key. (Raised in an
+    input function instead, the error is swallowed whenever the results already exist: Snakemake
+    then says "Nothing to be done".) The demo's manifests are written by the demo_data checkpoint."""
+    for split, s in SPLITS.items():
+        for m in s["manifest"]:
+            if not is_demo(m) and not os.path.isfile(m):
+                raise WorkflowError(f"{split} manifest {m!r} does not exist (config key {manifest_key(split)})")
+
+
+check_manifests()
+
+
 def manifest_of(split):
     """The split's manifest paths; waits for the demo corpus checkpoint when one is the demo's."""
     for m in SPLITS[split]["manifest"]:
         if is_demo(m):
             checkpoints.demo_data.get()
         elif not os.path.isfile(m):
-            raise WorkflowError(f"{split} manifest {m!r} does not exist (config key "
-                                f"{'manifest' if split == 'train' else 'heldout_manifest'})")
+            raise WorkflowError(f"{split} manifest {m!r} does not exist (config key {manifest_key(split)})")
     return SPLITS[split]["manifest"]
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded(split, mtimes):
-    parsed = parse_manifest(SPLITS[split]["manifest"])
-    return shard_rows(parsed.rows, SPLITS[split]["shards"])
+def _index(split, stats):
+    return ShardIndex.load(SPLITS[split]["manifest"], SPLITS[split]["shards"], INDEX_CACHE)
 
 
-def shard_of_split(split, k):
+def shard_index(split):
+    """Row digest and audio paths of each shard of the split (see pipeline/data/manifest.py).
+    Cached under .snakemake/ keyed by the manifests' bytes; in this process, by their stat."""
     ms = manifest_of(split)
-    return _sharded(split, tuple(os.stat(m).st_mtime_ns for m in ms))[k]
+    return _index(split, tuple((st.st_size, st.st_mtime_ns, st.st_ino) for st in map(os.stat, ms)))
+
+
+def evaluated_here(rule, wc):
+    """Whether this process needs the params of that job. A cluster job (the SLURM plugin's
+    jobstep: `snakemake --target-jobs RULE:WILDCARDS --mode remote ...`) re-parses the workflow
+    and builds the DAG around its target, creating the jobs upstream of it too, and evaluates
+    the params of every job in its DAG (DAG.update_conda_envs); it runs and records only its
+    target(s). A train job would otherwise stat every audio file of every shard."""
+    if workflow.is_main_process:
+        return True
+    targets = getattr(workflow.dag_settings, "target_jobs", None)
+    if not targets:
+        return True
+    w = dict(wc.items())
+    return any(t.rulename == rule and dict(t.wildcards_dict) == w for t in targets)
+
+
+NOT_EVALUATED = "(not evaluated in a cluster job of another rule)"
 
 
 def shard_paths(split):
     s = SPLITS[split]
     return [f"{RESULTS}/{s['cache']}/shard-{k:03d}.zarr" for k in range(s["shards"])]
+
+
+_FORCED = set()
+
+
+def rebuild_if_deleted(split, k):
+    """A shard folder deleted after the run is rebuilt, and what was built from it reruns.
+
+    Snakemake alone says "Nothing to be done": it rebuilds a missing intermediate output only when
+    a job downstream has to run anyway (DAG.update_needrun). Evidence that the shard was built:
+    its split's summary.json, built from every shard, exists. Such a shard is forced, as
+    `--forcerun` would (Snakemake reruns forced jobs and everything downstream of them). It cannot
+    go into workflow.dag_settings.forcerun at parse time: Snakemake assigns the DAG settings after
+    parsing the Snakefile (api.py, DAGApi). This runs in the shard job's input function, while the
+    DAG is built and before it decides what must run."""
+    path = shard_paths(split)[k]
+    summary = f"{RESULTS}/{SPLITS[split]['summary']}/summary.json"
+    if not workflow.is_main_process or path in _FORCED or os.path.exists(path) or not os.path.exists(summary):
+        return
+    dag = workflow.dag
+    if dag is None:             # not building a DAG (--lint, --list-rules ...)
+        return
+    _FORCED.add(path)
+    logger.warning(f"{path} is missing although {summary}, built from it, exists: rebuilding it "
+                   "(and rerunning what depends on it)")
+    dag.forcefiles.add(path)
+
+
+def shard_split(wc):
+    return CACHE_SPLIT[wc.cachedir]
+
+
+def shard_manifests(wc):
+    """A shard job's manifest inputs (ancient: editing one line must not rerun every shard;
+    the rows digest param reruns the line's own shard)."""
+    rebuild_if_deleted(shard_split(wc), int(wc.shard))
+    return [ancient(m) for m in manifest_of(shard_split(wc))]
 
 
 # ---- codec ---------------------------------------------------------------------------------
@@ -87,10 +170,12 @@ def codec_files():
 
 
 def precompute_settings():
-    p = config["precompute"]
-    s = {k: p[k] for k in PRECOMPUTE_DEFAULTS if k in p}
-    s["target_rate"] = config["codec"].get("target_rate", 48000)
-    return merge(PRECOMPUTE_DEFAULTS, s)
+    """What a shard holds depends on (a param: changing one reruns every shard); not `device`,
+    which only says where the job runs."""
+    s = {**{k: config["precompute"][k] for k in PRECOMPUTE_DEFAULTS if k in config["precompute"]},
+         "target_rate": config["codec"]["target_rate"]}
+    s.pop("device")
+    return s
 
 
 # ---- training ------------------------------------------------------------------------------
@@ -133,18 +218,36 @@ def codec_config():
 
 def check_groups():
     """Every phase's parameter groups and LoRA targets against the model's parameter names,
-    at parse time: a bad pattern in a late phase fails before the first job runs."""
+    at parse time: a bad pattern in a late phase, or a loss size larger than its segments, fails
+    before the first job runs. A passed check is remembered under .snakemake/ (keyed by the codec
+    config, the phases' settings and the checking code): importing torch and building the model on
+    the meta device cost more than the rest of a million-row dry run."""
+    phases = {f"train.{p}": phase_settings(config, p) for p in PHASES if p != "lora"}
+    phases.update({f"lora.adapters.{a}": adapter_settings(config, a) for a in ADAPTERS})
+    target_rate = TARGET_RATE
+    model_code = hashlib.sha256()
+    for f in sorted(glob.glob(f"{workflow.basedir}/pipeline/model/*.py")) + [f"{workflow.basedir}/pipeline/settings.py"]:
+        with open(f, "rb") as fh:
+            model_code.update(fh.read())
+    key = hashlib.sha256(json.dumps([codec_config(), target_rate, phases, model_code.hexdigest()],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:24]
+    passed = f"{CHECK_CACHE}/groups-{key}"
+    if os.path.exists(passed):
+        return
     from pipeline.model.codec import geometry
     from pipeline.model.snac48 import check_phase_groups
     from pipeline.settings import check_segment
-    phases = {f"train.{p}": phase_settings(config, p) for p in PHASES if p != "lora"}
-    phases.update({f"lora.adapters.{a}": adapter_settings(config, a) for a in ADAPTERS})
     try:
-        check_phase_groups(codec_config(), TARGET_RATE, phases)
+        check_phase_groups(codec_config(), target_rate, phases)
         for where, s in phases.items():
-            check_segment(s, geometry(codec_config(), TARGET_RATE), where)
+            check_segment(s, geometry(codec_config(), target_rate), where)
     except ValueError as e:
         raise WorkflowError(f"config error: {e}")
+    try:
+        os.makedirs(CHECK_CACHE, exist_ok=True)
+        open(passed, "w").close()
+    except OSError:
+        pass
 
 
 if workflow.is_main_process:      # not again inside every cluster job, which re-parses this file

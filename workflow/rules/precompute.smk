@@ -1,21 +1,26 @@
 # manifest -> N shards by a stable hash of the id -> one job per shard -> results/<cache>/shard-NNN.zarr
-# A shard job's inputs are its own audio files (touching one reruns only its shard) and the
-# codec files (changing the codec reruns every shard); its rows enter as a digest param
-# (editing one line reruns only that line's shard).
+# A shard job's inputs are the manifests (ancient: editing one line must not rerun every shard)
+# and the codec files (changing the codec reruns every shard). Its audio files are NOT inputs (a
+# million declared inputs cost minutes per Snakemake invocation and per cluster job): two params
+# carry what changed, a digest of the shard's rows (editing one line reruns only that line's
+# shard) and a digest of its audio files' sizes and mtimes (rewriting, replacing or touching one
+# file reruns only its shard). See common.smk (shard_index) and pipeline/data/manifest.py.
 
 
 rule precompute_shard:
     input:
-        audio=lambda wc: [r.audio for r in shard_of_split(CACHE_SPLIT[wc.cachedir], int(wc.shard))
-                          if os.path.isfile(r.audio)],
+        manifest=shard_manifests,
         codec=codec_files(),
     output:
         directory(f"{RESULTS}/{{cachedir}}/shard-{{shard}}.zarr"),
     params:
-        rows=lambda wc: rows_digest(shard_of_split(CACHE_SPLIT[wc.cachedir], int(wc.shard))),
-        manifest=lambda wc: manifest_of(CACHE_SPLIT[wc.cachedir]),
-        n_shards=lambda wc: SPLITS[CACHE_SPLIT[wc.cachedir]]["shards"],
+        rows=lambda wc: (shard_index(shard_split(wc)).rows_digest(int(wc.shard))
+                         if evaluated_here("precompute_shard", wc) else NOT_EVALUATED),
+        audio=lambda wc: (shard_index(shard_split(wc)).audio_digest(int(wc.shard))
+                          if evaluated_here("precompute_shard", wc) else NOT_EVALUATED),
+        n_shards=lambda wc: SPLITS[shard_split(wc)]["shards"],
         settings=json.dumps(precompute_settings(), sort_keys=True),
+        runtime=lambda wc, resources: json.dumps({"device": config["precompute"]["device"]}),   # no rerun
         codec=codec_dir(),
     threads: 2
     log:
@@ -23,9 +28,9 @@ rule precompute_shard:
     benchmark:
         f"{BENCH}/precompute/{{cachedir}}-{{shard}}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE {PY} precompute-shard --manifest {params.manifest:q}"
+        "OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE {PY} precompute-shard --manifest {input.manifest:q}"
         " --shard {wildcards.shard} --n-shards {params.n_shards} --codec {params.codec:q}"
-        " --out {output:q} --settings {params.settings:q} 2>&1 | tee {log}"
+        " --out {output:q} --settings {params.settings:q} --runtime {params.runtime:q} 2>&1 | tee {log}"
 
 
 rule precompute_summary:
