@@ -337,7 +337,7 @@ def test_decode_float_codes(model_dir, tmp_path):
 # ---- the DAG -----------------------------------------------------------------------------------
 ADAPTERS, _ = lora_adapters(merged_config(REPO))
 TRAINING = ({("train", "phase=warmup"), ("train", "phase=full"), ("evaluate", ""), ("export_final", ""),
-             ("all", "")} | {("train_lora", f"adapter={a}") for a in ADAPTERS})
+             ("report_items", ""), ("all", "")} | {("train_lora", f"adapter={a}") for a in ADAPTERS})
 
 
 # ---- a shard folder deleted after the run ----------------------------------------------------
@@ -420,7 +420,7 @@ def test_interpreter_in_a_path_with_a_space_runs_every_rule(spaced_python, tmp_p
     shells = [l for l in p.stdout.splitlines() if l.startswith("Shell command: ") and l != "Shell command: None"]
     rules = {j["rule"] for j in jobs}
     assert rules == {"demo_codec", "precompute_shard", "precompute_summary", "train", "train_lora", "evaluate",
-                     "export_final"}, rules
+                     "export_final", "report_items"}, rules
     assert len(shells) == len(jobs)
     quoted = f"'{spaced_python}' -m pipeline "
     assert all(quoted in s for s in shells), [s for s in shells if quoted not in s][:2]
