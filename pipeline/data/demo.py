@@ -1,6 +1,7 @@
 """Deterministic demo corpus: synthetic, speech-like, full-band audio.
 
-`generate_demo(out_dir, ...)` writes `audio/<id>.wav` (mono, 16-bit PCM at `rate`),
+`generate_demo(out_dir, ...)` writes `audio/<id>.wav` (mono, 16-bit PCM at `rate`: the workflow
+passes `codec.target_rate`),
 `manifest.jsonl` (training clips) and `heldout.jsonl` (held-out clips, disjoint ids) with
 audio paths relative to `out_dir`. The demo exists so that a 48 kHz decoder has something
 real to learn in the 12-24 kHz band, so the content is built to fill the whole band.
@@ -37,6 +38,8 @@ import os
 import numpy as np
 import soundfile as sf
 
+from ..settings import PRECOMPUTE_DEFAULTS
+
 _N_FFT = 1024
 _HOP = _N_FFT // 4
 _WIN = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(_N_FFT) / _N_FFT))  # periodic Hann
@@ -50,7 +53,7 @@ _CODAS = ["", "", "", "n", "s", "t", "r", "m"]
 
 
 def generate_demo(out_dir, seed: int = 1234, n_train: int = 64, n_heldout: int = 8,
-                  rate: int = 48000, min_seconds: float = 1.0, max_seconds: float = 4.0) -> dict:
+                  rate: int = PRECOMPUTE_DEFAULTS["target_rate"], min_seconds: float = 1.0, max_seconds: float = 4.0) -> dict:
     """Write the demo corpus under `out_dir`; return {"train", "heldout", "seconds", "rate"}."""
     seed, n_train, n_heldout, rate = int(seed), int(n_train), int(n_heldout), int(rate)
     if seed < 0:

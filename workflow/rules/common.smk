@@ -54,6 +54,11 @@ def is_demo(path):
     return os.path.abspath(path).startswith(os.path.abspath(DEMO_DIR) + os.sep)
 
 
+def demo_corpus_settings():
+    """The demo corpus's settings; it is made at the rate the decoder is trained for."""
+    return {**config.get("demo", {}), "rate": config["codec"]["target_rate"]}
+
+
 def manifest_key(split):
     return "manifest" if split == "train" else "heldout_manifest"
 

@@ -7,7 +7,7 @@ checkpoint demo_data:
         manifest=f"{DEMO_DIR}/manifest.jsonl",
         heldout=f"{DEMO_DIR}/heldout.jsonl",
     params:
-        settings=lambda wc: json.dumps(config.get("demo", {}), sort_keys=True),
+        settings=lambda wc: json.dumps(demo_corpus_settings(), sort_keys=True),
     log:
         f"{LOGS}/demo_data.log",
     benchmark:
@@ -27,7 +27,7 @@ rule demo_codec:
         quality=f"{RESULTS}/codec/demo/quality.json",
     params:
         settings=lambda wc: json.dumps(config["codec"].get("demo", {}), sort_keys=True),
-        corpus=lambda wc: json.dumps([SPLITS["train"]["manifest"], config.get("demo", {})], sort_keys=True),
+        corpus=lambda wc: json.dumps([SPLITS["train"]["manifest"], demo_corpus_settings()], sort_keys=True),
         out=f"{RESULTS}/codec/demo",
     threads: 2
     log:
