@@ -337,7 +337,8 @@ def test_bad_group_pattern_in_a_late_phase_fails_before_any_job(code_tree):
 
 # ---- 5. a killed phase, runtime knobs, a forced rerun -------------------------------------
 RESUME_YAML = "train: {full: {steps: 16, ckpt_every: 4, val_every: 8}}\n"
-KNOBS_YAML = "train: {defaults: {num_workers: 1, log_every: 1}}\n"      # runtime knobs only
+KNOBS_YAML = ("train: {defaults: {num_workers: 1, log_every: 1}}\n"      # runtime knobs only
+              "precompute: {device: cpu, batch_seconds: 8, window_seconds: 30}\n")
 FULL = "results/phase11/full/model.safetensors"
 
 

@@ -174,13 +174,19 @@ def codec_files():
                         "(expected the official SNAC layout: config.json + pytorch_model.bin)")
 
 
+PRECOMPUTE_RUNTIME = ("device", "batch_seconds", "window_seconds")    # where and in what pieces a job runs
+
+
 def precompute_settings():
-    """What a shard holds depends on (a param: changing one reruns every shard); not `device`,
-    which only says where the job runs."""
-    s = {**{k: config["precompute"][k] for k in PRECOMPUTE_DEFAULTS if k in config["precompute"]},
-         "target_rate": config["codec"]["target_rate"]}
-    s.pop("device")
-    return s
+    """What a shard holds depends on (a param: changing one reruns every shard); not the
+    PRECOMPUTE_RUNTIME knobs, which bound memory and say where the job runs (same codes)."""
+    return {**{k: config["precompute"][k] for k in PRECOMPUTE_DEFAULTS
+               if k in config["precompute"] and k not in PRECOMPUTE_RUNTIME},
+            "target_rate": config["codec"]["target_rate"]}
+
+
+def precompute_runtime():
+    return {k: config["precompute"][k] for k in PRECOMPUTE_RUNTIME}
 
 
 # ---- training ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ rule precompute_shard:
                           if evaluated_here("precompute_shard", wc) else NOT_EVALUATED),
         n_shards=lambda wc: SPLITS[shard_split(wc)]["shards"],
         settings=json.dumps(precompute_settings(), sort_keys=True),
-        runtime=lambda wc, resources: json.dumps({"device": config["precompute"]["device"]}),   # no rerun
+        runtime=lambda wc, resources: json.dumps(precompute_runtime()),   # no rerun
         codec=codec_dir(),
     threads: 2
     log:
