@@ -60,7 +60,7 @@ def precompute(seconds: float = 20.0) -> None:
         tmp = Path(tmp)
         generate_demo(tmp / "demo", seed=1, n_train=max(4, int(seconds / 2.5)), n_heldout=0)
         results = {}
-        for name, cfg in (("demo", _demo_config()), ("snac_24khz size", OFFICIAL_CONFIGS[TARGET_RATE // 2])):
+        for name, cfg in (("demo", _demo_config()), ("snac_24khz size", OFFICIAL_CONFIGS["snac_24khz"])):
             save_codec(build_codec(cfg, 0), tmp / name)
             st = run_shard(tmp / "demo" / "manifest.jsonl", 0, 1, tmp / name, tmp / f"{name}.zarr",
                            {"device": "cpu", "target_rate": TARGET_RATE})
@@ -325,7 +325,7 @@ def dag_tree(root, rows: int, shards: int = 64, files: int = 4, heldout: int = 2
             f.write(f'{{"audio": "heldout/h{i:05d}.wav", "id": "h{i:05d}"}}\n')
     codec = c / "codec"
     codec.mkdir(exist_ok=True)
-    (codec / "config.json").write_text(json.dumps(OFFICIAL_CONFIGS[TARGET_RATE // 2]))
+    (codec / "config.json").write_text(json.dumps(OFFICIAL_CONFIGS["snac_24khz"]))
     (codec / "model.safetensors").write_bytes(b"placeholder: the bench runs no job")
     (root / "bench.yaml").write_text(yaml.safe_dump({
         "manifest": str(c / "train.jsonl"), "heldout_manifest": str(c / "heldout.jsonl"),

@@ -47,6 +47,7 @@ TRAIN_DEFAULTS = schema_defaults(PHASE_SCHEMA)
 PHASE_DEFAULTS = {p: schema()["properties"]["train"]["properties"][p].get("default", {}) for p in PHASES}
 RUNTIME_KEYS = frozenset(PHASE_SCHEMA["x-runtime"])
 GROUP_DEFAULTS = schema_defaults(PHASE_SCHEMA["properties"]["groups"]["items"])
+EVAL_DEFAULTS = schema_defaults(schema()["properties"]["eval"])
 # a shard job's settings: precompute's keys but the shard counts (the DAG's shape), and the target rate
 PRECOMPUTE_DEFAULTS = {**{k: v for k, v in schema_defaults(schema()["properties"]["precompute"]).items()
                           if k not in ("shards", "heldout_shards")},

@@ -14,21 +14,12 @@ import torch
 
 from pipeline.evaluation.metrics import (BETTER, evaluate_pair, log_spectral_distance, rank_sum, si_sdr,
                                          segment_metrics, summarize, visqol)
+from test_losses import broadband          # tones plus white noise across the whole band
 
 SR = 48000
 SPLIT = 12000.0          # the band edge these synthetic tests use (a 24 kHz codec's Nyquist)
 SMALL_FFTS = (256, 512, 1024)
 DATA = Path(__file__).parent / "data"
-
-
-def broadband(batch=2, seconds=0.5, sr=SR, seed=0):
-    """(B, 1, T) signal with energy across the whole band: tones plus white noise."""
-    g = torch.Generator().manual_seed(seed)
-    n = int(seconds * sr)
-    t = torch.arange(n) / sr
-    tones = sum(torch.sin(2 * math.pi * f * t) for f in (220.0, 1500.0, 7000.0, 15000.0, 20000.0))
-    x = 0.1 * tones + 0.05 * torch.randn(batch, n, generator=g)
-    return x.unsqueeze(1).float()
 
 
 def lowpass_fft(x, sr, cutoff):

@@ -24,6 +24,7 @@ import soundfile as sf
 import torch
 import yaml
 from conftest import ROOT, TINY_24K, speechlike, tiny_codec, write_audio, write_manifest
+from test_cache import _FirstSegment
 from workflow_util import (N_SHARDS, REPO, clone_tree, dry_run, lora_adapters, make_tree, merged_config,
                            parse_jobs, run_env, snakemake)
 
@@ -81,17 +82,7 @@ def _utterance_in(shard_path, i=0):
     return C.Shard(shard_path).ids[i]
 
 
-class _Reads(torch.utils.data.Dataset):
-    """The first segment of utterance 0, read in whatever process asks."""
-
-    def __init__(self, shard):
-        self.shard = shard
-
-    def __len__(self):
-        return 1
-
-    def __getitem__(self, k):
-        return self.shard.segment(0, 0, self.shard.geometry.quantum)[1]
+_Reads = _FirstSegment           # the first segment of utterance 0, read in whatever process asks
 
 
 @pytest.mark.parametrize("how", ["whole file", "one byte"])

@@ -45,7 +45,3 @@ def to_int16(x: np.ndarray) -> tuple[np.ndarray, int]:
     y = np.round(x * 32767.0)
     clipped = int(np.count_nonzero(np.abs(y) > 32767))
     return np.clip(y, -32767, 32767).astype(np.int16), clipped
-
-
-def write_wav(path, x: np.ndarray, rate: int) -> None:
-    sf.write(os.fspath(path), np.asarray(x, dtype=np.float32), rate, subtype="PCM_16")

@@ -13,8 +13,9 @@ audio files as inputs (a million declared inputs cost minutes per invocation):
   audio  changes when one of the shard's audio files changes size or mtime, appears or vanishes.
 `ShardIndex` computes them. Parsing a million rows takes seconds, so the index (each shard's
 row digest and audio paths) is cached under `.snakemake/`, keyed by the manifests' bytes; the
-audio files themselves are stat()ed on every use (about 1 s per million files). Each shard job
-parses the manifests again with `parse_manifest` and takes its own rows.
+audio files themselves are stat()ed on every use (about 3 CPU s per million files on a local
+disk; BENCHMARKS.md). Each shard job parses the manifests again with `parse_manifest` and takes
+its own rows.
 """
 from __future__ import annotations
 
@@ -204,14 +205,14 @@ class _Resolver:
 
 
 def shard_of(uid: str, n_shards: int) -> int:
+    """The shard an utterance id belongs to (stable across manifests and runs)."""
     return int.from_bytes(hashlib.sha1(uid.encode("utf-8")).digest()[:8], "big") % n_shards
 
 
 def shard_rows(rows, n_shards: int) -> list:
     out = [[] for _ in range(n_shards)]
-    sha1, frombytes = hashlib.sha1, int.from_bytes
     for r in rows:
-        out[frombytes(sha1(r.id.encode("utf-8")).digest()[:8], "big") % n_shards].append(r)
+        out[shard_of(r.id, n_shards)].append(r)
     return out
 
 

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from ..settings import EVAL_DEFAULTS
 from ..training.losses import MelL1Loss, MultiResolutionSTFTLoss, _fit_n_fft, _no_autocast, _pair
 
 __all__ = ["BETTER", "si_sdr", "log_spectral_distance", "visqol", "evaluate_pair", "summarize",
@@ -52,7 +53,8 @@ def si_sdr(pred, target, eps: float = 1e-8) -> float:
 
 @torch.no_grad()
 def log_spectral_distance(pred, target, sample_rate: int, band: tuple[float, float] | None = None,
-                          n_fft: int = 2048, hop: int = 512, floor_db: float = -80.0) -> float:
+                          n_fft: int = 2048, hop: int = 512,
+                          floor_db: float = EVAL_DEFAULTS["lsd_floor_db"]) -> float:
     """Log-spectral distance in dB, mean over frames, then over the batch.
 
     Power spectra ``P = |STFT|^2`` (Hann window of ``n_fft``, ``center=True``). Each item's floor
@@ -117,8 +119,8 @@ def visqol(pred, target, sample_rate: int) -> float:
 
 
 @torch.no_grad()
-def evaluate_pair(pred, target, sample_rate: int, split_hz: float, n_ffts=(1024, 2048, 4096, 8192),
-                  floor_db: float = -80.0, with_visqol: bool = False) -> dict:
+def evaluate_pair(pred, target, sample_rate: int, split_hz: float, n_ffts=tuple(EVAL_DEFAULTS["n_ffts"]),
+                  floor_db: float = EVAL_DEFAULTS["lsd_floor_db"], with_visqol: bool = False) -> dict:
     """All evaluation metrics for one (batch of) prediction/target pair(s), as python floats.
 
     ``mrstft`` (`MultiResolutionSTFTLoss` over ``n_ffts``, spectral convergence pooled over the
@@ -151,7 +153,7 @@ def evaluate_pair(pred, target, sample_rate: int, split_hz: float, n_ffts=(1024,
 
 
 # --------------------------------------------------------------------------- aggregates
-def summarize(values, n_boot: int = 1000, seed: int = 0) -> dict:
+def summarize(values, n_boot: int = EVAL_DEFAULTS["bootstrap"], seed: int = 0) -> dict:
     """Mean of per-utterance ``values`` with its spread: ``std`` (ddof 1; 0 for one value) and
     ``ci95``, the 2.5th and 97.5th percentiles of the means of ``n_boot`` bootstrap resamples of
     the utterances (percentile bootstrap, seeded: the same values give the same interval).
@@ -202,7 +204,8 @@ def rank_sum(rows: dict, better: dict | None = None) -> list:
 
 @torch.no_grad()
 def segment_metrics(model, segments, split_hz: float | None = None, metrics=None, batch_size: int = 8,
-                    device=None, n_ffts=(1024, 2048, 4096, 8192), floor_db: float = -80.0) -> dict:
+                    device=None, n_ffts=tuple(EVAL_DEFAULTS["n_ffts"]),
+                    floor_db: float = EVAL_DEFAULTS["lsd_floor_db"]) -> dict:
     """Mean metrics of ``model`` (a 48 kHz decoder with ``.decode(codes)``) on validation
     ``segments`` (``[(codes, int16 target), ...]`` as `pipeline.data.segments.fixed_segments`
     gives), noise blocks off: ``{metric: mean over segments}`` for ``metrics`` (default: every

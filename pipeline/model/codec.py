@@ -17,16 +17,16 @@ import torch
 from snac import SNAC
 from snac.layers import NoiseBlock
 
-# The official SNAC models' shapes by sample rate (hubertsiuzdak/snac_24khz, _32khz, _44khz), for
+# The official SNAC models' shapes by name (hubertsiuzdak/snac_24khz, _32khz, _44khz), for
 # benchmarks that need the real sizes without the weights.
 OFFICIAL_CONFIGS = {
-    24000: dict(sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
+    "snac_24khz": dict(sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
                 decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096, codebook_dim=8,
                 vq_strides=[4, 2, 1], noise=True, depthwise=True),
-    32000: dict(sampling_rate=32000, encoder_dim=64, encoder_rates=[2, 3, 8, 8], decoder_dim=1536,
+    "snac_32khz": dict(sampling_rate=32000, encoder_dim=64, encoder_rates=[2, 3, 8, 8], decoder_dim=1536,
                 decoder_rates=[8, 8, 3, 2], attn_window_size=32, codebook_size=4096, codebook_dim=8,
                 vq_strides=[4, 2, 1], noise=True, depthwise=True),
-    44100: dict(sampling_rate=44100, encoder_dim=64, encoder_rates=[2, 4, 8, 8], decoder_dim=1536,
+    "snac_44khz": dict(sampling_rate=44100, encoder_dim=64, encoder_rates=[2, 4, 8, 8], decoder_dim=1536,
                 decoder_rates=[8, 8, 4, 2], attn_window_size=32, codebook_size=4096, codebook_dim=8,
                 vq_strides=[8, 4, 2, 1], noise=True, depthwise=True),
 }

@@ -151,12 +151,14 @@ def report(configfiles: list) -> list:
     from ..ui import console
     root = Path(__file__).resolve().parents[2]
     cfg = with_defaults(load_config([root / "config" / "config.yaml", *configfiles]))
-    rate = cfg["codec"]["target_rate"]
     folder = cfg["codec"]["pretrained"]
     if folder and (Path(folder) / "config.json").is_file():
         codec_cfg, source = json.loads((Path(folder) / "config.json").read_text()), folder
     elif folder:
-        codec_cfg, source = OFFICIAL_CONFIGS[rate // 2], f"random weights shaped like {Path(folder).name}"
+        if Path(folder).name not in OFFICIAL_CONFIGS:
+            raise SystemExit(f"error: codec.pretrained {folder} has no config.json here, and its name is not one of "
+                             f"the official SNAC models ({', '.join(OFFICIAL_CONFIGS)}) whose shape bench memory knows")
+        codec_cfg, source = OFFICIAL_CONFIGS[Path(folder).name], f"random weights shaped like {Path(folder).name}"
     else:
         codec_cfg, source = cfg["codec"]["demo"]["config"], "the demo codec's config"
     phases = {p: phase_settings(cfg, p) for p in ("warmup", "full")}
@@ -168,7 +170,7 @@ def report(configfiles: list) -> list:
         t.add_column(c)
     rows = []
     for name, s in phases.items():
-        r = peak_memory(codec_cfg, rate, s)
+        r = peak_memory(codec_cfg, cfg["codec"]["target_rate"], s)
         rows.append({"phase": name, **r})
         t.add_row(name, f"{s['batch_size'] // s['nproc_per_node']} x {s['segment_seconds']} s", str(s["grad_accum"]),
                   str(s["activation_checkpointing"]), s["precision"], str(s["adversarial"]["enabled"]),

@@ -8,8 +8,9 @@ N_CLIPS = config["eval"]["report_clips"]
 
 
 def report_phases():
-    """name -> folder of every training job (its metrics.jsonl gives the curves)."""
-    d = {"warmup": f"{PHASE_DIR}/warmup", "full": f"{PHASE_DIR}/full"}
+    """name -> folder of every training job (its metrics.jsonl gives the curves); a LoRA adapter's
+    name is lora-<adapter> (it names a file)."""
+    d = {p: f"{PHASE_DIR}/{p}" for p in PHASES if p != "lora"}
     d.update({f"lora-{a}": f"{PHASE_DIR}/lora/{a}" for a in ADAPTERS})
     return d
 
