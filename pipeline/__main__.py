@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     c.add_argument("--resume-from", default=None, help="exact resume from this step checkpoint of the same run")
     c.add_argument("--no-resume", action="store_true", help="ignore this run's step checkpoints")
     c.add_argument("--adapter", default="default", help="LoRA adapter name (lora phase)")
+    c.add_argument("--metrics", type=_json, default=None,
+                   help="select: rank_sum: the evaluation's n_ffts and lsd_floor_db (JSON) to score checkpoints with")
 
     c = sub.add_parser("export", help="merge LoRA and write final.pt + model.safetensors + config.json")
     c.add_argument("--phase-dir", required=True)
@@ -296,7 +298,7 @@ def _run(a) -> int | None:
             s["resume"] = False
         try:
             train(a.phase, s, a.codec, a.cache, a.heldout, a.init, a.out, target_rate=a.target_rate,
-                  resume_from=a.resume_from, adapter=a.adapter)
+                  resume_from=a.resume_from, adapter=a.adapter, metrics=a.metrics)
         except Stopped as e:
             from .ui import console
             console.print(f"[bold yellow]stopped:[/] {e}")

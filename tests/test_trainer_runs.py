@@ -117,19 +117,28 @@ def test_adversarial_phase_resumes_exactly(small_cache, tmp_path, monkeypatch):
             "train/adv/d_new_band"} <= set(records[-1])
 
 
-def test_output_chosen_by_rank_sum_and_samples_in_tensorboard(small_cache, tmp_path):
+def test_output_chosen_by_rank_sum_and_samples_in_tensorboard(small_cache, tmp_path, monkeypatch):
     """select: rank_sum makes the phase's output the kept checkpoint with the best rank-sum over
     the evaluation's metrics on the validation segments; each validation writes audio and
     spectrograms to TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from pipeline.evaluation import metrics as E
+    calls, real = [], E.segment_metrics
+
+    def scored(*a, **kw):
+        calls.append((kw["n_ffts"], kw["floor_db"]))
+        return real(*a, **kw)
+    monkeypatch.setattr(E, "segment_metrics", scored)
     s = settings(select="rank_sum", keep_best=2)
     assert run_settings(s)["keep_best"] == 2          # which checkpoints are kept now decides the output
-    run(small_cache, "warmup", s, tmp_path)
+    metrics = {"n_ffts": [128, 256], "lsd_floor_db": -40}          # the evaluation's, not the defaults
+    run(small_cache, "warmup", s, tmp_path, metrics=metrics)
     chosen = json.loads((tmp_path / "config.json").read_text())["selected"]
     kept = {d.name for d in C.step_dirs(tmp_path / "checkpoints")}
     assert chosen["checkpoint"] in kept and {r["name"] for r in chosen["ranking"]} == kept
     assert chosen["ranking"][0]["name"] == chosen["checkpoint"] and "lsd_hi_db" in chosen["ranking"][0]["ranks"]
     assert same_weights(weights(tmp_path), C.read(tmp_path / "checkpoints" / chosen["checkpoint"]).weights)
+    assert calls and all(c == ((128, 256), -40) for c in calls), calls   # scored with those settings
     tags = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Tags()
     assert any(t.endswith("/warmup") for t in tags["audio"]) and any("spectrogram" in t for t in tags["images"])
 

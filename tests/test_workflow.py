@@ -286,6 +286,20 @@ def test_phase_hyperparameter_reruns_that_phase_and_later(built):
     assert job["reason"].startswith("Params have changed"), job["reason"]
 
 
+def test_eval_settings_rerun_training_only_where_select_is_rank_sum(built):
+    """eval.n_ffts / eval.lsd_floor_db change the evaluation; a phase with select: rank_sum scores
+    its checkpoints with them (`--metrics`), so for that phase (only) they are params."""
+    root, _ = built
+    r = dry_run_with(root, "eval: {lsd_floor_db: -60}\n")
+    assert exactly_once(r.keys()) == {("evaluate", ""), ("export_final", ""), ("report_items", ""), ("all", "")}
+    r = dry_run_with(root, "train: {full: {select: rank_sum}}\neval: {lsd_floor_db: -60}\n", extra=("-p",))
+    assert exactly_once(r.keys()) == {("train", "phase=full")} | AFTER_FULL
+    shells = [l for l in r.out.splitlines() if " train --phase " in l]
+    assert len(shells) == 1 + len(ADAPTERS), shells
+    assert all(("--metrics" in l) == (" train --phase full " in l) for l in shells), shells
+    assert '"lsd_floor_db": -60' in next(l for l in shells if " train --phase full " in l)
+
+
 def test_codec_change_reruns_every_shard(built):
     root, _ = built
     r = dry_run_with(root, "codec: {demo: {steps: 21}}\n")

@@ -32,7 +32,7 @@ from ..data.segments import SegmentBatches, build_pool, collate, fixed_segments,
 from ..evaluation.report import tb_log_samples
 from ..model.codec import fingerprint, load_codec, noise_disabled, state_digest
 from ..model.snac48 import from_codec, load_model, param_groups, save_model
-from ..settings import check_segment, complete, run_settings, segment_frames
+from ..settings import EVAL_DEFAULTS, check_segment, complete, run_settings, segment_frames
 from ..ui import console, progress
 from . import checkpoint, distributed
 from .discriminators import Adversarial
@@ -44,10 +44,12 @@ from .warmstart import warm_start
 
 
 def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, *, target_rate,
-          resume_from=None, adapter="default") -> dict:
+          resume_from=None, adapter="default", metrics=None) -> dict:
     """Train one phase into out_dir. `s`: the phase's settings (run settings and runtime knobs);
     target_rate: the configured codec.target_rate (the cache must have been built for it);
-    resume_from: a step checkpoint of this same run; adapter: the LoRA adapter's name."""
+    resume_from: a step checkpoint of this same run; adapter: the LoRA adapter's name;
+    metrics: the evaluation's `n_ffts` and `lsd_floor_db` that select: rank_sum scores with
+    (default: the eval section's defaults)."""
     s = complete(s, f"train.{phase}")
     out = Path(out_dir)
     group, device = distributed.init(s["device"])
@@ -72,7 +74,7 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, *,
                         raise Stopped(f"{phase} stopped at step {step} ({stop.requested or 'another rank stopped'});"
                                       f" checkpoint written to {checkpoint.step_dir(t.ckdir, step)}: rerun to resume",
                                       stop.code or 1)
-            return finish(t)
+            return finish(t, metrics or {})
     finally:
         distributed.close(group)
 
@@ -383,7 +385,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 # ---- finish ---------------------------------------------------------------------------------------
-def finish(t: Trainer) -> dict:
+def finish(t: Trainer, metrics: dict) -> dict:
     """Phase outputs (model.safetensors + config.json, + lora_weights.safetensors), then the last
     checkpoint is marked finished: asked again, this run trains from step 0 (a forced rerun)."""
     if not t.group.main:
@@ -395,7 +397,7 @@ def finish(t: Trainer) -> dict:
              "init": t.start_weights, "best_val": t.state["best"], "nonfinite_skipped": t.state["nonfinite_total"],
              "segments_seen": t.state["segments_seen"], "seconds_seen": round(t.state["seconds_seen"], 3)}
     if t.s["select"] == "rank_sum":
-        extra["selected"] = select_by_rank_sum(t)
+        extra["selected"] = select_by_rank_sum(t, **metrics)
     model.cpu()
     if t.lora is not None:
         from ..model.lora import merge_lora, save_lora
@@ -409,14 +411,17 @@ def finish(t: Trainer) -> dict:
     return t.state
 
 
-def select_by_rank_sum(t: Trainer) -> dict:
+def select_by_rank_sum(t: Trainer, n_ffts=EVAL_DEFAULTS["n_ffts"],
+                       lsd_floor_db=EVAL_DEFAULTS["lsd_floor_db"]) -> dict:
     """Load, of the kept checkpoints, the one with the best rank-sum over the evaluation's metrics
-    on the validation segments (ties: the newer); -> what was chosen and why."""
+    (computed with its n_ffts and LSD floor) on the validation segments (ties: the newer);
+    -> what was chosen and why."""
     from ..evaluation.metrics import rank_sum, segment_metrics
     rows = {}
     for d in checkpoint.step_dirs(t.ckdir):
         t.model.load_state_dict(checkpoint.read(d).weights)
-        rows[d.name] = segment_metrics(t.model, t.val, device=t.device)
+        rows[d.name] = segment_metrics(t.model, t.val, device=t.device, n_ffts=tuple(n_ffts),
+                                       floor_db=lsd_floor_db)
     order = rank_sum(dict(reversed(rows.items())))          # newest first: it wins ties
     best = order[0]["name"]
     t.model.load_state_dict(checkpoint.read(t.ckdir / best).weights)

@@ -203,6 +203,15 @@ def run_json(phase, adapter=None):
     return json.dumps(run_settings(settings_of(phase, adapter)), sort_keys=True)
 
 
+def select_arg(phase, adapter=None):
+    """select: rank_sum scores the kept checkpoints with the evaluation's metrics: then (only then)
+    their settings are a param of the phase, so changing them reruns it."""
+    if settings_of(phase, adapter)["select"] != "rank_sum":
+        return ""
+    return "--metrics " + shlex.quote(json.dumps({k: config["eval"][k] for k in ("n_ffts", "lsd_floor_db")},
+                                                 sort_keys=True))
+
+
 def runtime_json(phase, adapter=None):
     """A phase's runtime knobs, for a param whose function takes `resources`: Snakemake treats such
     a param as derived and never reruns a job because it changed."""

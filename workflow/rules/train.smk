@@ -26,7 +26,7 @@ TRAIN_SHELL = (
     "trap '' TERM USR1; OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE {PY} train --phase {params.phase}"
     " --settings {params.settings:q} --runtime {params.runtime:q} --codec {params.codec:q}"
     " --target-rate {params.target_rate} --cache {input.cache:q} --heldout {input.heldout:q}"
-    " {params.init} --out {params.out:q} 2>&1 | tee {log}"
+    " {params.init} {params.select} --out {params.out:q} 2>&1 | tee {log}"
 )
 
 
@@ -45,6 +45,7 @@ rule train:
         codec=codec_dir(),
         target_rate=TARGET_RATE,
         init=lambda wc: f"--init {previous_phase_dir(wc.phase)}" if previous_phase_dir(wc.phase) else "",
+        select=lambda wc: select_arg(wc.phase),
         out=lambda wc: f"{PHASE_DIR}/{wc.phase}",
     threads: 2
     resources:
@@ -71,6 +72,7 @@ use rule train as train_lora with:
         codec=codec_dir(),
         target_rate=TARGET_RATE,
         init=lambda wc: f"--init {previous_phase_dir('lora')} --adapter {wc.adapter}",
+        select=lambda wc: select_arg("lora", wc.adapter),
         out=lambda wc: f"{PHASE_DIR}/lora/{wc.adapter}",
     resources:
         gpu=lambda wc: settings_of("lora", wc.adapter)["nproc_per_node"],
