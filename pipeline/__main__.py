@@ -175,7 +175,7 @@ def main(argv=None) -> int:
 
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
-    knobs = {**getattr(a, "settings", {}), **getattr(a, "runtime", {})}
+    a.knobs = knobs = {**getattr(a, "settings", {}), **getattr(a, "runtime", {})}     # runtime over settings
     if a.command in GPU_COMMANDS and knobs.get("device", "auto") != "cpu":
         from .gpus import claim
         claim(knobs.get("nproc_per_node", 1))      # a phase under torchrun: one GPU per process
@@ -265,7 +265,7 @@ def _run(a) -> int | None:
         train_demo_codec(a.manifest, a.out, a.settings)
     elif a.command == "precompute-shard":
         from .data.precompute import run_shard
-        run_shard(a.manifest, a.shard, a.n_shards, a.codec, a.out, {**a.settings, **a.runtime})
+        run_shard(a.manifest, a.shard, a.n_shards, a.codec, a.out, a.knobs)
     elif a.command == "precompute-summary":
         from .data.precompute import summarize
         summarize(a.manifest, a.shards, a.out_dir)
@@ -287,7 +287,7 @@ def _run(a) -> int | None:
         from .training.distributed import launch_command
         from .training.guards import Stopped
         from .training.train import train
-        s = {**a.settings, **a.runtime}
+        s = dict(a.knobs)
         launch = launch_command(a.argv, s.get("nproc_per_node", 1), s.get("nnodes", 1))
         if launch:                       # this phase runs as several processes: torchrun starts them
             import subprocess
@@ -308,7 +308,7 @@ def _run(a) -> int | None:
         export_final(a.phase_dir, a.out)
     elif a.command == "evaluate":
         from .evaluation.evaluate import evaluate
-        evaluate(a.codec, a.heldout, dict(m.split("=", 1) for m in a.model), a.out, {**a.settings, **a.runtime},
+        evaluate(a.codec, a.heldout, dict(m.split("=", 1) for m in a.model), a.out, a.knobs,
                  a.target_rate)
     elif a.command == "report":
         from .evaluation.report import write_report_items

@@ -48,6 +48,13 @@ PHASE_DEFAULTS = {p: schema()["properties"]["train"]["properties"][p].get("defau
 RUNTIME_KEYS = frozenset(PHASE_SCHEMA["x-runtime"])
 GROUP_DEFAULTS = schema_defaults(PHASE_SCHEMA["properties"]["groups"]["items"])
 EVAL_DEFAULTS = schema_defaults(schema()["properties"]["eval"])
+
+
+def split_runtime(section: str, values: dict) -> tuple[dict, dict]:
+    """A top-level section's (precompute, eval) values -> (what its outputs depend on, its
+    runtime knobs: the schema's x-runtime, which say where and in what pieces a job runs)."""
+    runtime = set(schema()["properties"][section].get("x-runtime", ()))
+    return ({k: v for k, v in values.items() if k not in runtime}, {k: v for k, v in values.items() if k in runtime})
 # a shard job's settings: precompute's keys but the shard counts (the DAG's shape), and the target rate
 PRECOMPUTE_DEFAULTS = {**{k: v for k, v in schema_defaults(schema()["properties"]["precompute"]).items()
                           if k not in ("shards", "heldout_shards")},
@@ -95,17 +102,24 @@ def runtime_keys(s: dict) -> frozenset:
 
 def run_settings(s: dict) -> dict:
     """What defines a run: every setting but the runtime knobs."""
-    return {k: v for k, v in s.items() if k not in runtime_keys(s)}
+    keys = runtime_keys(s)
+    return {k: v for k, v in s.items() if k not in keys}
 
 
 def runtime_settings(s: dict) -> dict:
-    return {k: v for k, v in s.items() if k in runtime_keys(s)}
+    keys = runtime_keys(s)
+    return {k: v for k, v in s.items() if k in keys}
+
+
+@functools.cache
+def _phase_validator():
+    import jsonschema
+    return jsonschema.Draft202012Validator(PHASE_SCHEMA)
 
 
 def check_phase(s: dict, where: str) -> None:
     """Schema (keys, types, ranges) and the checks that span keys; raises ValueError naming `where`."""
-    import jsonschema
-    errors = sorted(jsonschema.Draft202012Validator(PHASE_SCHEMA).iter_errors(
+    errors = sorted(_phase_validator().iter_errors(
         {k: v for k, v in s.items() if k != "source_weights"}), key=lambda e: list(e.path))
     if errors:
         e = errors[0]

@@ -269,9 +269,13 @@ class Shard:
         self._audio, self._pid = self._arrays["audio"], os.getpid()
         self._codes = None
         if preload:
-            self._audio = self._read("audio", self.audio_off)
-            for i in range(n):
-                self._verify_audio(i, self._audio[self.audio_off[i]:self.audio_off[i + 1]])
+            self.load_audio()
+
+    def load_audio(self) -> None:
+        """Read the whole audio array into memory, each utterance verified against its checksum."""
+        self._audio = self._read("audio", self.audio_off)
+        for i in range(len(self.ids)):
+            self._verify_audio(i, self._audio[self.audio_off[i]:self.audio_off[i + 1]])
 
     def __len__(self):
         return len(self.ids)

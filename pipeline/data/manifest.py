@@ -330,10 +330,9 @@ class ShardIndex:
         the audio paths."""
         hashers = [hashlib.sha256() for _ in range(n_shards)]
         audio = [[] for _ in range(n_shards)]
-        sha1, frombytes = hashlib.sha1, int.from_bytes
         with _no_gc():
             for r in _iter_rows(paths, datas, Parsed([], [], 0, 0)):
-                k = frombytes(sha1(r.id.encode("utf-8")).digest()[:8], "big") % n_shards
+                k = shard_of(r.id, n_shards)
                 hashers[k].update(_row_bytes(r))
                 audio[k].append(r.audio)
         return cls(key or cls.key_of(paths, datas, n_shards), [h.hexdigest()[:16] for h in hashers],

@@ -160,7 +160,8 @@ def open_training_cache(paths, expect: dict, preload="auto"):
     shards = open_cache(paths, preload=False, expect=expect)
     if preload == "auto":
         preload = sum(s.audio_off[-1] for s in shards) * 2 < 2 * 1024**3   # < 2 GiB of int16
-    shards = open_cache(paths, preload=True, expect=expect) if preload else shards
     for sh in shards:
+        if preload:
+            sh.load_audio()
         sh.codes
     return shards

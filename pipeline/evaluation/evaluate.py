@@ -28,14 +28,9 @@ from ..data import audio as A
 from ..data.cache import CACHE_FORMAT, dump_json, open_cache, Shard
 from ..model.codec import fingerprint, load_codec, noise_disabled, pick_device
 from ..model.snac48 import load_model
-from ..settings import schema, schema_defaults
+from ..settings import EVAL_DEFAULTS
 from ..ui import console, progress
 from .metrics import BETTER, evaluate_pair, summarize
-
-def eval_defaults() -> dict:
-    """The `eval` settings' defaults (their one place is the config schema)."""
-    return schema_defaults(schema()["properties"]["eval"])
-
 
 def metric_names(settings: dict) -> tuple:
     return tuple(m for m in BETTER if m != "visqol" or settings["visqol"])
@@ -65,7 +60,7 @@ def evaluate(codec_dir, heldout_paths, models: dict, out, settings: dict | None 
              target_rate: int | None = None) -> dict:
     """target_rate: the configured codec.target_rate, which the held-out cache must hold (None:
     whatever it holds); every model must decode at the cache's rate."""
-    s = {**eval_defaults(), **(settings or {})}
+    s = {**EVAL_DEFAULTS, **(settings or {})}
     device = pick_device(s["device"])
     codec = load_codec(codec_dir, device)
     target_rate = target_rate or Shard(heldout_paths[0]).fingerprint["target_rate"]

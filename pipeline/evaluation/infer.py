@@ -32,8 +32,6 @@ def load(model_path, device="auto", lora=None):
     """A trained model (folder or final.pt), optionally with a LoRA adapter applied."""
     from ..model.snac48 import load_model
     path, dev = Path(model_path), pick_device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available")
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")
     try:

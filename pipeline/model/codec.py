@@ -191,9 +191,13 @@ def fingerprint(model: SNAC, target_rate: int, cache_format: int) -> dict:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """auto: CUDA when there is one, else the CPU; a CUDA device asked for where none is, refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is available")
+    return dev
 
 
 def convert_official(src, dst) -> dict:

@@ -40,7 +40,7 @@ from .guards import PhaseLock, StopRequest, Stopped, ignore_stop_signals
 from .losses import ReconstructionLoss
 from .preflight import Preflight
 from .schedules import lr_lambda
-from .warmstart import warm_start
+from .warmstart import read_weights, warm_start
 
 
 def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, *, target_rate,
@@ -419,12 +419,12 @@ def select_by_rank_sum(t: Trainer, n_ffts=EVAL_DEFAULTS["n_ffts"],
     from ..evaluation.metrics import rank_sum, segment_metrics
     rows = {}
     for d in checkpoint.step_dirs(t.ckdir):
-        t.model.load_state_dict(checkpoint.read(d).weights)
+        t.model.load_state_dict(read_weights(d))          # the weights alone, not the optimizer
         rows[d.name] = segment_metrics(t.model, t.val, device=t.device, n_ffts=tuple(n_ffts),
                                        floor_db=lsd_floor_db)
     order = rank_sum(dict(reversed(rows.items())))          # newest first: it wins ties
     best = order[0]["name"]
-    t.model.load_state_dict(checkpoint.read(t.ckdir / best).weights)
+    t.model.load_state_dict(read_weights(t.ckdir / best))
     console.print(f"{t.phase}: output = {best}, best rank-sum of {len(rows)} kept checkpoints over "
                   f"{', '.join(order[0]['ranks'])}")
     return {"by": "rank_sum", "checkpoint": best, "ranking": order, "metrics": rows}

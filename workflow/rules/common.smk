@@ -17,7 +17,7 @@ from snakemake.logging import logger
 from pipeline.data.manifest import ShardIndex
 from pipeline.settings import (PHASE_CHAIN, PHASES, PRECOMPUTE_DEFAULTS, adapter_settings, lora_adapters,
                                manifest_entries, phase_settings, run_settings, runtime_settings,
-                               with_defaults)
+                               split_runtime, with_defaults)
 
 config.update(with_defaults(config))      # the schema's defaults (validated without filling them in)
 
@@ -77,12 +77,10 @@ check_manifests()
 
 
 def manifest_of(split):
-    """The split's manifest paths; waits for the demo corpus checkpoint when one is the demo's."""
-    for m in SPLITS[split]["manifest"]:
-        if is_demo(m):
-            checkpoints.demo_data.get()
-        elif not os.path.isfile(m):
-            raise WorkflowError(f"{split} manifest {m!r} does not exist (config key {manifest_key(split)})")
+    """The split's manifest paths; waits for the demo corpus checkpoint when one is the demo's
+    (the others were checked at parse time, check_manifests)."""
+    if any(is_demo(m) for m in SPLITS[split]["manifest"]):
+        checkpoints.demo_data.get()
     return SPLITS[split]["manifest"]
 
 
@@ -174,19 +172,16 @@ def codec_files():
                         "(expected the official SNAC layout: config.json + pytorch_model.bin)")
 
 
-PRECOMPUTE_RUNTIME = ("device", "batch_seconds", "window_seconds")    # where and in what pieces a job runs
-
-
 def precompute_settings():
-    """What a shard holds depends on (a param: changing one reruns every shard); not the
-    PRECOMPUTE_RUNTIME knobs, which bound memory and say where the job runs (same codes)."""
-    return {**{k: config["precompute"][k] for k in PRECOMPUTE_DEFAULTS
-               if k in config["precompute"] and k not in PRECOMPUTE_RUNTIME},
-            "target_rate": config["codec"]["target_rate"]}
+    """What a shard holds depends on (a param: changing one reruns every shard); not the schema's
+    x-runtime knobs, which bound memory and say where the job runs (same codes)."""
+    run, _ = split_runtime("precompute", {k: config["precompute"][k] for k in PRECOMPUTE_DEFAULTS
+                                          if k in config["precompute"]})
+    return {**run, "target_rate": config["codec"]["target_rate"]}
 
 
 def precompute_runtime():
-    return {k: config["precompute"][k] for k in PRECOMPUTE_RUNTIME}
+    return split_runtime("precompute", config["precompute"])[1]
 
 
 # ---- training ------------------------------------------------------------------------------
@@ -194,6 +189,7 @@ PHASE_DIR = f"{RESULTS}/phase11"
 TARGET_RATE = config["codec"]["target_rate"]
 
 
+@functools.lru_cache(maxsize=None)       # the config is fixed once parsed; callers only read it
 def settings_of(phase, adapter=None):
     return adapter_settings(config, adapter) if adapter else phase_settings(config, phase)
 
@@ -244,12 +240,12 @@ def check_groups():
     the meta device cost more than the rest of a million-row dry run."""
     phases = {f"train.{p}": phase_settings(config, p) for p in PHASES if p != "lora"}
     phases.update({f"lora.adapters.{a}": adapter_settings(config, a) for a in ADAPTERS})
-    target_rate = TARGET_RATE
+    cfg = codec_config()
     model_code = hashlib.sha256()
     for f in sorted(glob.glob(f"{workflow.basedir}/pipeline/model/*.py")) + [f"{workflow.basedir}/pipeline/settings.py"]:
         with open(f, "rb") as fh:
             model_code.update(fh.read())
-    key = hashlib.sha256(json.dumps([codec_config(), target_rate, phases, model_code.hexdigest()],
+    key = hashlib.sha256(json.dumps([cfg, TARGET_RATE, phases, model_code.hexdigest()],
                                     sort_keys=True, default=str).encode()).hexdigest()[:24]
     passed = f"{CHECK_CACHE}/groups-{key}"
     if os.path.exists(passed):
@@ -258,9 +254,10 @@ def check_groups():
     from pipeline.model.snac48 import check_phase_groups
     from pipeline.settings import check_segment
     try:
-        check_phase_groups(codec_config(), target_rate, phases)
+        check_phase_groups(cfg, TARGET_RATE, phases)
+        geo = geometry(cfg, TARGET_RATE)
         for where, s in phases.items():
-            check_segment(s, geometry(codec_config(), target_rate), where)
+            check_segment(s, geo, where)
     except ValueError as e:
         raise WorkflowError(f"config error: {e}")
     try:

@@ -15,9 +15,9 @@ rule evaluate:
         utterances=f"{PHASE_DIR}/eval_utterances.jsonl",
         clips=directory(f"{PHASE_DIR}/eval_clips"),
     params:
-        # what changes the figures reruns the evaluation; where it runs (device) does not
-        settings=json.dumps({k: v for k, v in config["eval"].items() if k != "device"}, sort_keys=True),
-        runtime=lambda wc, resources: json.dumps({"device": config["eval"]["device"]}),
+        # what changes the figures reruns the evaluation; where it runs (x-runtime: device) does not
+        settings=json.dumps(split_runtime("eval", config["eval"])[0], sort_keys=True),
+        runtime=lambda wc, resources: json.dumps(split_runtime("eval", config["eval"])[1]),
         codec=codec_dir(),
         target_rate=TARGET_RATE,
         models=" ".join(f"--model {n}={d}" for n, d in eval_models().items()),
