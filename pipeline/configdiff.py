@@ -10,7 +10,7 @@ import json
 
 import yaml
 
-from .settings import PHASES, PHASE_DEFAULTS, TRAIN_DEFAULTS, merge, phase_settings
+from .settings import PHASES, PHASE_DEFAULTS, TRAIN_DEFAULTS, filled, merge, phase_settings
 
 MARK = {"changed": "[yellow]~ changed[/]", "new": "[green]+ new[/]", "default": "[dim]· default[/]",
         "same": "= same"}
@@ -35,12 +35,12 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def diff(cfg: dict, against: dict | None = None) -> dict:
-    shared = flatten(merge(TRAIN_DEFAULTS, cfg.get("train", {}).get("defaults")))
+    shared = flatten(filled(merge(TRAIN_DEFAULTS, cfg.get("train", {}).get("defaults"))))
     result = {}
     for phase in PHASES:
         eff = flatten(phase_settings(cfg, phase))
         ref = flatten(phase_settings(against, phase)) if against is not None else shared
-        code = flatten(merge(TRAIN_DEFAULTS, PHASE_DEFAULTS[phase]))
+        code = flatten(filled(merge(TRAIN_DEFAULTS, PHASE_DEFAULTS[phase])))
         rows = {}
         for k, v in eff.items():
             if k not in ref:

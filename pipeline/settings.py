@@ -86,10 +86,15 @@ def phase_settings(config: dict, phase: str) -> dict:
     return complete(s, f"train.{phase}")
 
 
+def filled(s: dict) -> dict:
+    """A phase's settings with the defaults of its group entries filled in and no manifest
+    weights unless given."""
+    return {"source_weights": None, **s, "groups": [{**GROUP_DEFAULTS, **g} for g in s["groups"]]}
+
+
 def complete(s: dict, where: str) -> dict:
-    """A phase's settings checked, with the defaults of its group entries filled in and no
-    manifest weights unless given."""
-    s = {"source_weights": None, **s, "groups": [{**GROUP_DEFAULTS, **g} for g in s["groups"]]}
+    """A phase's settings filled in and checked."""
+    s = filled(s)
     check_phase(s, where)
     return s
 

@@ -151,6 +151,9 @@ def test_config_diff_marks_what_each_phase_changes(tmp_path):
     assert set(d) == {"warmup", "full", "lora"}
     assert d["warmup"]["groups"]["status"] == "changed" and d["lora"]["lora.enabled"]["status"] == "changed"
     assert d["warmup"]["betas"]["status"] == "default"
+    # every key is in the reference: what complete() fills in (source_weights, group defaults) too
+    assert not [(p, k) for p in d for k, r in d[p].items() if r["status"] == "new"]
+    assert d["full"]["source_weights"]["status"] == "default"
     other = tmp_path / "other.yaml"
     other.write_text("train:\n  full:\n    lr: 0.5\n")
     d = json.loads(run("--json", "--against", str(other)).stdout)
