@@ -4,6 +4,12 @@ demo corpus at its own rate, so that the demo's codes really describe the audio.
 Losses: waveform/STFT/mel reconstruction plus the quantizer's codebook and commitment losses
 (VQ-VAE style, computed per residual level on the factorised latents SNAC quantises). The
 result is an untrained-by-any-real-standard codec: it shows the mechanics, not quality.
+
+Training excerpts are salient, as descript-audio-codec draws them: an excerpt quieter than
+`salient_db` (its RMS in dBFS) is drawn again, up to `SALIENT_TRIES` times. Real recordings open
+and close with pauses (a read-speech corpus: about a second at each end of a 3.7 s clip); drawn
+uniformly, half the excerpts of such a corpus are silence, and a codec trained on them learns to
+answer every excerpt quietly (measured on real 48 kHz speech, BENCHMARKS.md: 30 dB too quiet).
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from ..ui import console
 
 DEFAULTS = {"seed": 0, "config": None, "steps": 600, "batch_size": 8, "segment_seconds": 0.5,
             "lr": 2e-3, "lambdas": {"l1": 1.0, "stft": 1.0, "mel": 1.0},
-            "codebook_weight": 1.0, "commitment_weight": 0.25, "reset_every": 5}
+            "codebook_weight": 1.0, "commitment_weight": 0.25, "reset_every": 5, "salient_db": -40.0}
+SALIENT_TRIES = 8
 
 
 @torch.no_grad()
@@ -75,6 +82,18 @@ def load_corpus(manifest, rate: int) -> list:
     return out
 
 
+def excerpt(clips, n: int, rng, salient_db: float | None) -> np.ndarray:
+    """A random excerpt of up to n samples, drawn again (up to SALIENT_TRIES times in all) while
+    its RMS is below salient_db dBFS; the last draw is kept. None: the first draw."""
+    for _ in range(SALIENT_TRIES):
+        c = clips[rng.integers(len(clips))]
+        o = int(rng.integers(0, max(1, len(c) - n)))
+        piece = c[o:o + n]
+        if salient_db is None or 10 * np.log10(np.mean(np.square(piece, dtype=np.float64)) + 1e-20) >= salient_db:
+            break
+    return piece
+
+
 def train_demo_codec(manifest, out, settings: dict) -> dict:
     s = {**DEFAULTS, **settings}
     if not s["config"]:
@@ -95,9 +114,7 @@ def train_demo_codec(manifest, out, settings: dict) -> dict:
     for step in range(1, s["steps"] + 1):
         batch = np.zeros((s["batch_size"], seg), dtype=np.float32)
         for j in range(s["batch_size"]):
-            c = clips[rng.integers(len(clips))]
-            o = int(rng.integers(0, max(1, len(c) - seg)))
-            piece = c[o:o + seg]
+            piece = excerpt(clips, seg, rng, s["salient_db"])
             batch[j, :len(piece)] = piece
         x = torch.from_numpy(batch)[:, None]
         seen = []
