@@ -158,7 +158,7 @@ def test_smart_init_head_geometry_survives_save_and_load(tmp_path):
 @torch.no_grad()
 def test_smart_init_starts_at_the_upsampled_24k_output():
     """Measure: SNR of the 48 kHz output against the soxr upsampling of the 24 kHz decode
-    (noise off). Tiny random codec: smart 7.0 dB, random -9.9 dB on each clip (the demo codec:
+    (noise off). Tiny random codec: smart 6.9 dB, random -9.9 dB on each clip (the demo codec:
     see snac48.py). Bound: smart >= 6 dB on every clip, random <= 0 dB."""
     from conftest import speechlike
     codec = tiny_codec()
