@@ -89,7 +89,7 @@ def excerpt(clips, n: int, rng, salient_db: float | None) -> np.ndarray:
         c = clips[rng.integers(len(clips))]
         o = int(rng.integers(0, max(1, len(c) - n)))
         piece = c[o:o + n]
-        if salient_db is None or 10 * np.log10(np.mean(np.square(piece, dtype=np.float64)) + 1e-20) >= salient_db:
+        if salient_db is None or np.mean(np.square(piece, dtype=np.float64)) >= 10 ** (salient_db / 10):
             break
     return piece
 
