@@ -366,7 +366,7 @@ def _cache_info(a) -> int:
             if "alignment" in s:
                 r = s["alignment"]
                 console.print(f"{s['path']}: alignment {r['checks']} checks, slicing {'ok' if r['slicing_ok'] else 'WRONG'}, "
-                              f"re-encode match {r['reencode_match']:.3f}, decode max err {r['decode_max_err']:.2e}")
+                              f"re-encode agreement {r['reencode_match']:.3f} over {r['reencode_compared']} codes, decode max err {r['decode_max_err']:.2e}")
         if "note" in info:
             console.print(f"note: {info['note']}")
         for problem in info["problems"]:

@@ -18,7 +18,7 @@ from conftest import TINY_24K, speechlike, write_audio, write_manifest
 
 from pipeline.data import audio as A
 from pipeline.data import cache as C
-from pipeline.data.alignment import check_shard
+from pipeline.data.alignment import agreement, check_shard, verdict
 from pipeline.model.codec import geometry, load_codec, save_codec, state_digest
 from pipeline.data.precompute import run_shard, summarize
 
@@ -89,11 +89,22 @@ def test_alignment_slicing_reencoding_decoding(good_cache, tiny_codec_dir):
     d, _, _ = good_cache
     codec = load_codec(tiny_codec_dir)
     for sh in C.open_cache(d):
-        r = check_shard(sh, codec, n_checks=6, seg_coarse=12, seed=3)
-        assert r["checks"] == 6
+        r = check_shard(sh, codec, n_checks=6, seed=3)
+        assert r["checks"] == 6 and r["reencode_compared"] >= 6 * 8, r   # 8 coarsest codes per check
         assert r["slicing_ok"]
         assert r["reencode_match"] >= 0.95, r      # near-ties may flip after int16 + resampling
         assert r["decode_max_err"] < 1e-4, r
+        assert verdict(r) == []
+
+
+def test_agreement_discounts_chance_and_too_short_caches_are_named(good_cache, tiny_codec_dir):
+    a = np.array([0] * 18 + [1, 2])
+    assert agreement(a, a) == 1.0
+    assert np.mean(a == a[::-1]) == 0.8 and agreement(a, a[::-1]) < 0   # agrees by frequency only
+    d, _, _ = good_cache
+    sh = C.open_cache(d)[0]
+    r = check_shard(sh, load_codec(tiny_codec_dir), n_checks=2, seg_coarse=4)   # all inside the edges
+    assert r["reencode_compared"] == 0 and "nothing was checked" in verdict(r)[0]
 
 
 def _rewrite_with_geometry(src, dst, hop_target):
@@ -115,8 +126,8 @@ def _rewrite_with_geometry(src, dst, hop_target):
 def test_wrong_hop_cache_fails_alignment(good_cache, tiny_codec_dir, tmp_path):
     d, _, _ = good_cache
     _rewrite_with_geometry(d / "shard-000.zarr", tmp_path / "shard-000.zarr", hop_target=882)
-    r = check_shard(C.Shard(tmp_path / "shard-000.zarr"), load_codec(tiny_codec_dir), n_checks=6, seg_coarse=12, seed=3)
-    assert r["reencode_match"] < 0.8, r
+    r = check_shard(C.Shard(tmp_path / "shard-000.zarr"), load_codec(tiny_codec_dir), n_checks=6, seed=3)
+    assert r["reencode_match"] < 0.8 and any("do not belong together" in v for v in verdict(r)), r
 
 
 def test_bad_input_every_reason_and_counts_add_up(tiny_codec_dir, tmp_path):

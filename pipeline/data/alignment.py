@@ -21,9 +21,12 @@ import torch
 from . import audio as A
 from ..model.codec import noise_disabled
 
-# a right cache re-encodes to >= 0.95 of its interior codes (near-ties flip after int16 and
-# resampling); a wrong hop gives < 0.8. Deterministic decodes of a crop agree to float error.
+# a right cache re-encodes its interior codes with agreement (kappa) >= 0.95 (near-ties flip after
+# int16 and resampling); a wrong hop (882 for 1024) gives 0.52-0.85 on the tests' tiny random
+# codecs (seeds 7-12), whose slowly changing codes agree a lot by chance. Deterministic decodes of
+# a crop agree to float error.
 MIN_REENCODE_MATCH, MAX_DECODE_ERR = 0.9, 1e-3
+INTERIOR_CODES = 8   # coarsest codes per check away from the edges, by default
 
 
 def receptive_field(fn, channels: int, length: int) -> int:
@@ -35,17 +38,36 @@ def receptive_field(fn, channels: int, length: int) -> int:
     return int(nz.max() - nz.min() + 1) if len(nz) else 0
 
 
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Cohen's kappa of two label sequences: 1 when equal, about 0 when they agree only as often
+    as their label frequencies make chance agreement (a codec that emits few distinct codes
+    matches a misaligned crop by chance most of the time; kappa does not credit that)."""
+    observed = float(np.mean(a == b))
+    labels, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    pa, pb = (np.bincount(i, minlength=len(labels)) / len(a) for i in np.split(inverse, 2))
+    chance = float(pa @ pb)
+    return 1.0 if chance >= 1.0 else (observed - chance) / (1.0 - chance)
+
+
 @torch.no_grad()
-def check_shard(shard, codec, n_checks: int = 8, seg_coarse: int = 6, seed: int = 0) -> dict:
-    """Run the three checks on `n_checks` random (utterance, offset) pairs; returns the worst
-    figures: slicing_ok, reencode_match (lowest share of equal interior codes), decode_max_err."""
+def check_shard(shard, codec, n_checks: int = 8, seg_coarse: int | None = None, seed: int = 0) -> dict:
+    """Run the three checks on `n_checks` random (utterance, offset) pairs of `seg_coarse` coarsest
+    codes (default: enough for INTERIOR_CODES of them away from the encoder's edges, or the
+    longest utterance). Returns slicing_ok, decode_max_err (the worst) and reencode_match: the
+    agreement of the cached and re-encoded interior codes pooled over all checks and levels
+    (`reencode_compared` codes). Pooled, because one near-tie flip among 4 coarse codes is 25 %."""
     fp, rng = shard.fingerprint, np.random.default_rng(seed)
     strides, hop, hop_t = fp["strides"], fp["hop"], fp["hop_target"]
     coarse = max(strides)
     with torch.enable_grad():
         enc_rf = receptive_field(codec.encoder, 1, 64 * hop)
         dec_rf = receptive_field(lambda z: codec.decoder(z), codec.latent_dim, 64) * hop
+    margins = [math.ceil(enc_rf / (2 * hop * s)) + 1 for s in strides]
+    if seg_coarse is None:
+        longest = max((shard.frames(i) for i in range(len(shard))), default=0) // coarse
+        seg_coarse = max(1, min(2 * margins[strides.index(coarse)] + INTERIOR_CODES, longest))
     out = {"checks": 0, "slicing_ok": True, "reencode_match": 1.0, "decode_max_err": 0.0}
+    cached, again = [], []
     candidates = [i for i in range(len(shard)) if shard.frames(i) >= seg_coarse * coarse]
     for _ in range(n_checks if candidates else 0):
         i = int(rng.choice(candidates))
@@ -60,13 +82,10 @@ def check_shard(shard, codec, n_checks: int = 8, seg_coarse: int = 6, seed: int 
         # re-encoding: target crop -> codec rate -> encode; compare away from the edges
         x = A.resample(audio.astype(np.float32) / 32768.0, fp["target_rate"], fp["codec_rate"])
         re = codec.encode(torch.from_numpy(x)[None, None])
-        shares = []
-        for c, r, s in zip(codes, re, strides):
-            m = math.ceil(enc_rf / (2 * hop * s)) + 1
-            if len(c) > 2 * m:
-                shares.append(float(np.mean(c[m:len(c) - m] == r[0, m:len(c) - m].numpy())))
-        if shares:
-            out["reencode_match"] = min(out["reencode_match"], min(shares))
+        for level, (c, r, m) in enumerate(zip(codes, re, margins)):
+            if len(c) > 2 * m:   # codes of different levels are different labels
+                cached.append(level * codec.codebook_size + c[m:len(c) - m].astype(np.int64))
+                again.append(level * codec.codebook_size + r[0, m:len(c) - m].numpy())
         # decoding: sliced codes vs crop of the whole decode, noise off
         with noise_disabled(codec):
             whole = codec.decode([torch.from_numpy(c)[None] for c in full_codes])[0, 0]
@@ -76,13 +95,18 @@ def check_shard(shard, codec, n_checks: int = 8, seg_coarse: int = 6, seed: int 
         if len(part) > 2 * m:
             out["decode_max_err"] = max(out["decode_max_err"], float((part[m:-m] - crop[m:-m]).abs().max()))
         out["checks"] += 1
-    out.update(encoder_rf=enc_rf, decoder_rf=dec_rf)
+    if cached:
+        out["reencode_match"] = agreement(np.concatenate(cached), np.concatenate(again))
+    out.update(reencode_compared=sum(map(len, cached)), encoder_rf=enc_rf, decoder_rf=dec_rf)
     return out
 
 
 def verdict(r: dict) -> list:
     """What is wrong with `check_shard`'s figures (empty: the cache and the codec line up)."""
     out = []
+    if not r["checks"] or not r["reencode_compared"]:
+        out.append("no utterance is long enough to re-encode a code away from the encoder's edges "
+                   f"(its receptive field is {r['encoder_rf']} samples): nothing was checked")
     if not r["slicing_ok"]:
         out.append("sliced codes or audio differ from the whole utterance's")
     if r["reencode_match"] < MIN_REENCODE_MATCH:
