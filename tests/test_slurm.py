@@ -17,7 +17,7 @@ does to a `--requeue` job it preempts) and comes back to resume where SIGTERM st
 The tests marked `slurm` skip, saying why, where no such cluster answers. Time on 2 shared cores
 (2026-12-03): 2.6 min for the demo run (the local one it is compared with, 1.7 min, is shared with
 test_workflow.py), 0.9 min for the cancel/requeue run; with the plugin's own status polling (+10 s
-per check while nothing ends, see SNAKEMAKE) they took 3.8 and 1.4 min in the same CI run.
+per check while nothing ends, see SNAKEMAKE) they took 3.8 and 1.4 min in a CI run an hour before.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ OVERRIDE = {"slurm_partition": PARTITION, "slurm_account": None, "runtime": 15, 
 # Speed only: 3 jobs at once, and the first status check 2 s after a job ends instead of 40.
 SPEED = {"jobs": 3, "slurm-init-seconds-before-status-checks": 2}
 # Speed only, too: the plugin waits 10 s longer after every status check in which no job ended (up
-# to 180 s), so on this queue a job was seen done up to 30 s after it ended, a minute and a half
+# to 180 s), so on this queue a job was seen done up to 30 s after it ended, over a minute lost
 # per demo run. The tests' Snakemake caps that wait at SPEED's 2 s; a user's keeps the plugin's.
 SNAKEMAKE = """import sys, snakemake.cli, snakemake_executor_plugin_slurm as plugin
 wait = plugin.Executor.next_seconds_between_status_checks
