@@ -13,6 +13,7 @@ which figures fail.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -49,6 +50,15 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if chance >= 1.0 else (observed - chance) / (1.0 - chance)
 
 
+@functools.lru_cache(maxsize=2)
+def _receptive_fields(codec, hop: int) -> tuple[int, int]:
+    """(encoder, decoder) receptive fields in codec-rate samples; measured once per codec, not
+    once per shard (`cache-info --check` checks every shard with one codec)."""
+    with torch.enable_grad():
+        return (receptive_field(codec.encoder, 1, 64 * hop),
+                receptive_field(lambda z: codec.decoder(z), codec.latent_dim, 64) * hop)
+
+
 @torch.no_grad()
 def check_shard(shard, codec, n_checks: int = 8, seg_coarse: int | None = None, seed: int = 0) -> dict:
     """Run the three checks on `n_checks` random (utterance, offset) pairs of `seg_coarse` coarsest
@@ -59,9 +69,7 @@ def check_shard(shard, codec, n_checks: int = 8, seg_coarse: int | None = None, 
     fp, rng = shard.fingerprint, np.random.default_rng(seed)
     strides, hop, hop_t = fp["strides"], fp["hop"], fp["hop_target"]
     coarse = max(strides)
-    with torch.enable_grad():
-        enc_rf = receptive_field(codec.encoder, 1, 64 * hop)
-        dec_rf = receptive_field(lambda z: codec.decoder(z), codec.latent_dim, 64) * hop
+    enc_rf, dec_rf = _receptive_fields(codec, hop)
     margins = [math.ceil(enc_rf / (2 * hop * s)) + 1 for s in strides]
     if seg_coarse is None:
         longest = max((shard.frames(i) for i in range(len(shard))), default=0) // coarse
