@@ -51,13 +51,17 @@ def test_smart_init_really_changes_the_new_block():
     # pretrained parts are the codec's, bit for bit
     for part, ref in ((smart.encoder, codec.encoder), (smart.quantizer, codec.quantizer)):
         assert state_digest(part.state_dict()) == state_digest(ref.state_dict())
-    # the head: smart widens the pretrained 7 taps to 13 with zeros between them (same norm g, same
-    # bias); random keeps SNAC's own head, undilated
-    head, pre = smart.decoder.model[-2], codec.decoder.model[-2]
-    assert head.dilation == (1,) and head.kernel_size == (13,) and smart.config["head"] == {"kernel_size": 13}
+    # the head: smart (hold) widens the pretrained 7 taps to 13 with zeros between them (same norm
+    # g, same bias); smart (cubic, the default) has 19; random keeps SNAC's own head, undilated
+    hold = M.from_codec(codec, 48000, "smart", seed=0, interpolator="hold")
+    head, pre = hold.decoder.model[-2], codec.decoder.model[-2]
+    assert head.dilation == (1,) and head.kernel_size == (13,) and hold.config["head"] == {"kernel_size": 13}
     wn, pre_wn = head.parametrizations.weight, pre.parametrizations.weight
     assert torch.equal(wn.original0, pre_wn.original0) and torch.equal(head.bias, pre.bias)
     assert torch.equal(wn.original1[..., ::2], pre_wn.original1) and not wn.original1[..., 1::2].any()
+    cubic = smart.decoder.model[-2]
+    assert cubic.kernel_size == (19,) and smart.config["head"] == {"kernel_size": 19}
+    assert torch.equal(cubic.bias, pre.bias)
     plain = rand.decoder.model[-2]
     assert plain.dilation == (1,) and plain.kernel_size == (7,) and torch.equal(plain.weight, pre.weight)
 
@@ -82,12 +86,39 @@ def dilated_head(codec, r):
 def test_smart_init_head_is_the_dilated_head_at_step_0():
     import copy
     codec = tiny_codec()
-    smart = M.from_codec(codec, 48000, "smart")
+    smart = M.from_codec(codec, 48000, "smart", interpolator="hold")
     old = copy.deepcopy(smart)
     old.decoder.model[-2] = dilated_head(codec, 2)
     codes = [torch.randint(0, 64, (2, 8 * 4 // s)) for s in smart.geometry.strides]
     with torch.no_grad(), noise_disabled(smart), noise_disabled(old):
         torch.testing.assert_close(smart.decode(codes), old.decode(codes), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("target_rate", [48000, 72000])
+def test_smart_init_cubic_head_is_the_cubic_interpolation_at_step_0(target_rate):
+    """The cubic head on the held features computes the hold head's codec-rate output (before
+    tanh), zero-stuffed and convolved with Keys' cubic kernel: r - 1 samples between every two
+    kept ones, for r = 2 and 3. Checked against that definition, not against head_taps."""
+    codec = tiny_codec()
+    heads = {i: M.from_codec(codec, target_rate, "smart", interpolator=i) for i in M.INTERPOLATORS}
+    r = heads["cubic"].decoder.factor
+    model = heads["hold"]
+    codes = [torch.randint(0, 64, (2, 8 * 4 // s)) for s in model.geometry.strides]
+    with torch.no_grad(), noise_disabled(model):             # the features the head sees
+        x = model.quantizer.from_codes(codes)
+        for layer in [*model.decoder.model[:-3], model.decoder.new_block, model.decoder.model[-3]]:
+            x = layer(x)
+        held, cubic = heads["hold"].decoder.model[-2](x), heads["cubic"].decoder.model[-2](x)
+        bias = heads["hold"].decoder.model[-2].bias[:, None]
+        stuffed = torch.zeros_like(held)
+        stuffed[..., ::r] = held[..., ::r] - bias
+        k = M.keys_cubic(r).float()
+        want = torch.nn.functional.conv1d(stuffed, k[None, None], padding=len(k) // 2) + bias
+    assert k[len(k) // 2] == 1 and not k[len(k) // 2 + r::r].any()
+    inner, tol = slice(4 * r, -4 * r), 1e-4 * float(want.abs().max())   # away from the edges' zero padding
+    torch.testing.assert_close(cubic[..., inner], want[..., inner], rtol=0, atol=tol)
+    torch.testing.assert_close(cubic[..., inner][..., ::r], held[..., inner][..., ::r], rtol=0, atol=tol)
+    assert (cubic - held)[..., inner].abs().max() > 100 * tol         # and between them, not a hold
 
 
 def test_smart_init_head_can_shape_the_new_band():
@@ -96,7 +127,7 @@ def test_smart_init_head_can_shape_the_new_band():
     few steps toward a target with energy only in the new band (codec Nyquist .. target Nyquist)."""
     from pipeline.model.snac48 import spread_taps
     codec = tiny_codec()
-    model = M.from_codec(codec, 48000, "smart")
+    model = M.from_codec(codec, 48000, "smart", interpolator="hold")
     g, r = model.geometry, model.decoder.factor
     codes = [torch.randint(0, 64, (2, 8 * 4 // s)) for s in g.strides]
     with torch.no_grad(), noise_disabled(model):           # the features the head sees
@@ -129,14 +160,16 @@ def test_smart_init_head_geometry_survives_save_and_load(tmp_path):
     `head_dilation`, 7 taps) loads as the same function with spread taps."""
     codec = tiny_codec()
     codes = [torch.randint(0, 64, (1, 8 * 4 // s)) for s in (4, 2, 1)]
-    for init, taps in (("smart", 13), ("random", 7)):
-        m = M.from_codec(codec, 48000, init)
-        M.save_model(m, tmp_path / init)
-        back = M.load_model(tmp_path / init)
+    for init, interpolator, taps in (("smart", "cubic", 19), ("smart", "hold", 13), ("random", "cubic", 7)):
+        m = M.from_codec(codec, 48000, init, interpolator=interpolator)
+        M.save_model(m, tmp_path / interpolator if init == "smart" else tmp_path / init)
+        back = M.load_model(tmp_path / interpolator if init == "smart" else tmp_path / init)
         assert back.decoder.model[-2].kernel_size == (taps,) and back.config["head"] == {"kernel_size": taps}
+        with noise_disabled(m), noise_disabled(back):
+            assert torch.equal(m.decode(codes), back.decode(codes))
     from safetensors.torch import load_file, save_file
     old = tmp_path / "old"
-    M.save_model(M.load_model(tmp_path / "smart"), old)
+    M.save_model(M.load_model(tmp_path / "hold"), old)
     cfg = json.loads((old / "config.json").read_text())
     cfg["new_block"]["head_dilation"] = 2
     del cfg["head"]
@@ -145,55 +178,77 @@ def test_smart_init_head_geometry_survives_save_and_load(tmp_path):
     key = next(k for k in sd if k.endswith("original1") and sd[k].shape[-1] == 13)
     sd[key] = sd[key][..., ::2].contiguous()
     save_file(sd, old / "model.safetensors")
-    with noise_disabled(back := M.load_model(tmp_path / "smart")), noise_disabled(conv := M.load_model(old)):
+    with noise_disabled(back := M.load_model(tmp_path / "hold")), noise_disabled(conv := M.load_model(old)):
         assert conv.config["head"] == {"kernel_size": 13}
         assert torch.equal(back.decode(codes), conv.decode(codes))
-    # a 24 kHz SNAC's weights (its 7-tap head) fit the smart model as smart init would place them
-    smart = M.from_codec(codec, 48000, "smart")
-    sd = M.adapt_head(smart, codec.state_dict())
-    own = smart.state_dict()
-    assert all(torch.equal(sd[k], own[k]) for k in sd) and M.adapt_head(back, own) is own
+    # a 24 kHz SNAC's weights (its 7-tap head) fit the smart model as smart init would place them,
+    # either head (a warm start from the official checkpoint goes this way)
+    for interpolator in M.INTERPOLATORS:
+        smart = M.from_codec(codec, 48000, "smart", interpolator=interpolator)
+        sd = M.adapt_head(smart, codec.state_dict())
+        own = smart.state_dict()
+        for k in sd:
+            torch.testing.assert_close(sd[k], own[k], rtol=1e-6, atol=1e-7)
+        assert M.adapt_head(smart, own) is own
 
 
 @torch.no_grad()
 def test_smart_init_starts_at_the_upsampled_24k_output():
     """Measure: SNR of the 48 kHz output against the soxr upsampling of the 24 kHz decode
-    (noise off). Tiny random codec: smart 6.9 dB, random -9.9 dB on each clip (the demo codec:
-    see snac48.py). Bound: smart >= 6 dB on every clip, random <= 0 dB."""
+    (noise off). Tiny random codec, per clip: smart (cubic) 20.0 dB, smart (hold) 6.9 dB, random
+    -9.9 dB (the demo codec: see snac48.py). Bound: cubic >= hold + 6 dB >= 12 dB, random <= 0 dB."""
     from conftest import speechlike
     codec = tiny_codec()
-    smart, rand = M.from_codec(codec, 48000, "smart"), M.from_codec(codec, 48000, "random")
+    models = {"cubic": M.from_codec(codec, 48000, "smart"), "random": M.from_codec(codec, 48000, "random"),
+              "hold": M.from_codec(codec, 48000, "smart", interpolator="hold")}
     for seed in range(3):
         x = torch.from_numpy(speechlike(1.5, 24000, seed=10 + seed))[None, None]
-        with noise_disabled(codec), noise_disabled(smart), noise_disabled(rand):
+        with noise_disabled(codec):
             codes = codec.encode(x)
             ref = A.resample(codec.decode(codes)[0, 0].numpy(), 24000, 48000)
-            ys, yr = smart.decode(codes)[0, 0].numpy(), rand.decode(codes)[0, 0].numpy()
-        n = min(len(ref), len(ys))
-        assert snr_db(ref[:n], ys[:n]) >= 6.0
-        assert snr_db(ref[:n], yr[:n]) <= 0.0
+        snr = {}
+        for name, m in models.items():
+            with noise_disabled(m):
+                y = m.decode(codes)[0, 0].numpy()
+            n = min(len(ref), len(y))
+            snr[name] = snr_db(ref[:n], y[:n])
+        assert snr["cubic"] >= snr["hold"] + 6.0 >= 12.0 and snr["random"] <= 0.0, snr
+
+
+def upsampled(y, r, interpolator):
+    """The codec-rate output y (1-D) upsampled the way smart init starts: held for r samples, or
+    Keys' cubic on the output before its tanh."""
+    if interpolator == "hold":
+        return y.repeat_interleave(r)
+    stuffed = torch.zeros(len(y) * r, dtype=torch.float64)
+    stuffed[::r] = torch.atanh(y.double())
+    k = M.keys_cubic(r)
+    return torch.tanh(torch.nn.functional.conv1d(stuffed[None, None], k[None, None], padding=len(k) // 2)[0, 0])
 
 
 @torch.no_grad()
-def test_smart_init_is_the_held_24k_output_up_to_a_tiny_deviation():
-    """Smart init starts as the 24 kHz output held for r samples (hold upsampler, spread head),
-    up to what the near-identity new block adds. That deviation must be tiny, not small: a
-    trained decoder's head turns large features into a small output (the demo codec trained on
-    real speech: features at -4 dB, output at -50 dBFS), so the deviation reaches the output
+@pytest.mark.parametrize("interpolator", M.INTERPOLATORS)
+def test_smart_init_is_the_upsampled_24k_output_up_to_a_tiny_deviation(interpolator):
+    """Smart init starts as the 24 kHz output upsampled (held for r samples, or cubic), up to what
+    the near-identity new block adds. That deviation must be tiny, not small: a trained
+    decoder's head turns large features into a small output (the demo codec trained on real
+    speech: features at -4 dB, output at -50 dBFS), so the deviation reaches the output
     amplified: 1.8 dB against the exact hold there with the block's gains (SNAKE_ALPHA,
     RESIDUAL_GAIN) at 1e-2, 41.6 dB with 1e-4. This untrained tiny codec has no such gain, so it
-    shows the deviation itself: 45.0 dB with 1e-2, 85.0 dB with 1e-4. Bound: 60 dB."""
+    shows the deviation itself (hold: 45.0 dB with 1e-2, 85.0 dB with 1e-4; cubic: 85.1 dB with
+    1e-4, away from the edges). Bound: 60 dB."""
     from conftest import speechlike
     codec = tiny_codec()
-    smart = M.from_codec(codec, 48000, "smart")
+    smart = M.from_codec(codec, 48000, "smart", interpolator=interpolator)
     r = smart.decoder.factor
+    inner = slice(16 * r, -16 * r)        # the heads' zero padding differs at the very edges
     for seed in range(2):
         x = torch.from_numpy(speechlike(1.5, 24000, seed=20 + seed))[None, None]
         with noise_disabled(codec), noise_disabled(smart):
             codes = codec.encode(x)
-            held = codec.decode(codes)[0, 0].repeat_interleave(r).numpy()
+            want = upsampled(codec.decode(codes)[0, 0], r, interpolator).numpy()
             ys = smart.decode(codes)[0, 0].numpy()
-        assert snr_db(held, ys) >= 60.0
+        assert snr_db(want[inner], ys[inner]) >= 60.0
 
 
 def test_smart_init_has_lower_heldout_loss_at_step_0(small_cache):

@@ -17,18 +17,30 @@ Smart init (the default) makes the new model start as "the 24 kHz output, upsamp
     -50 dBFS), so what the block adds to its input reaches the output amplified. Measured on that
     codec, the 48 kHz output against the exact hold of its 24 kHz output: 1.8 dB SNR with 1e-2
     (a DC offset from a x^2, noise in pauses), 41.6 dB with 1e-4 (tests/test_train.py);
-  * the output head: the pretrained 7-tap conv becomes an undilated conv of 6r+1 taps, the
-    pretrained taps with r-1 zeros between them (same weight-norm g, same bias). At step 0 it
-    computes exactly what the pretrained conv dilated by r would: it spans the same time at the
-    new rate, and with the hold above it sees at every target-rate sample the features it saw at
-    the codec-rate one, so the start is the 24 kHz output held for r samples. Measured on the
-    demo codec (config/config.yaml, 8 held-out demo clips, noise off): 12.7 dB SNR (12.6 to 12.9)
-    against the soxr upsampling of the 24 kHz output, the gap being the hold's images (6.5 dB with
-    the block's gains at 1e-2, which left it 7.6 dB from the exact hold; 47.5 dB now), vs -27.6 dB
-    for random init
-    (tests/test_train.py bounds it on a tiny codec). Unlike the dilated conv, whose response is
-    periodic in the codec rate (|H(f)| = |H(codec_rate - f)|: mirrored about the codec Nyquist),
-    the wide head can shape the new band on its own once it trains.
+  * the output head: an undilated conv whose step-0 output is the 24 kHz output upsampled by a
+    chosen interpolator (`interpolator`; at r = 2):
+      - cubic (the default): Keys' cubic (a = -1/2), taps [-1, 0, 9, 16, 9, 0, -1] / 16 on the
+        zero-stuffed codec-rate output. The held features (above) are a zero-stuffed signal
+        convolved with a box of r ones; the cubic kernel, like every interpolator that
+        reproduces constants, vanishes at the box's zeros, so it is the box convolved with a
+        quotient q (3r taps), and the head is the pretrained taps spread by r (see hold)
+        convolved with q: 10r - 1 taps, 19 at r = 2. Its step-0 output is the cubic
+        interpolation of the 24 kHz output before tanh, exactly;
+      - hold: the pretrained 7-tap conv becomes 6r + 1 taps, the pretrained ones with r - 1 zeros
+        between them (same weight-norm g, same bias). At step 0 it computes exactly what the
+        pretrained conv dilated by r would: it spans the same time at the new rate, and with the
+        hold above it sees at every target-rate sample the features it saw at the codec-rate
+        one, so the start is the 24 kHz output held for r samples.
+    Measured on the demo codec trained on real read speech (BENCHMARKS.md, "Real 48 kHz
+    recordings", 15 held-out utterances): the hold mirrors 0-12 kHz into 12-24 kHz 3-14 dB below
+    it (at step 0, 20 dB below the whole signal), the cubic kernel 6-40 dB below (30 dB); ViSQOL
+    at step 0 is 3.17 (hold) and 3.44 (cubic) against 3.34 for the soxr-upsampled 24 kHz output,
+    and after the three phases 3.14 and 3.42. On the demo codec (config/config.yaml, 8 held-out
+    demo clips, noise off), the hold start is 12.7 dB SNR (12.6 to 12.9) against the soxr
+    upsampling of the 24 kHz output, vs -27.6 dB for random init (tests/test_train.py bounds
+    both). Unlike a conv dilated by r, whose response is periodic in the codec rate
+    (|H(f)| = |H(codec_rate - f)|: mirrored about the codec Nyquist), either head can shape the
+    new band on its own once it trains.
 (A linear-interpolating upsampler was tried first: learned features alternate in sign from
 sample to sample, so interpolated features gave -10 dB; and SNAC's 7-tap head undilated, -14.9 dB.)
 All writes go to the parameters weight_norm really holds: `module.weight = W` (right_inverse sets
@@ -37,7 +49,8 @@ place would change nothing, as a test shows.
 `random` init leaves the new block at PyTorch's default init and keeps SNAC's own 7-tap head,
 undilated: the baseline is SNAC's decoder with one more block and nothing chosen for the new rate
 (widening the head is part of what smart init chooses).
-config.json records the head's taps (`head.kernel_size`), so load_model rebuilds either;
+config.json records the head's taps (`head.kernel_size`: 7 random, 6r + 1 hold, 10r - 1 cubic),
+so load_model rebuilds any of them;
 models saved with the earlier dilated head (`new_block.head_dilation`) load with spread taps.
 """
 from __future__ import annotations
@@ -58,6 +71,7 @@ from .codec import SNAC_KEYS, freeze, geometry, snac_config, state_digest
 FORMAT = "phase11-snac48/1"
 SNAKE_ALPHA = 1e-4
 RESIDUAL_GAIN = 1e-4
+INTERPOLATORS = ("cubic", "hold")
 BF16_BELOW = 8
 
 
@@ -181,17 +195,21 @@ class SNAC48(nn.Module):
         return state_digest(sd)
 
 
-def from_codec(codec: SNAC, target_rate: int, init: str = "smart", seed: int = 0) -> SNAC48:
-    """A 48 kHz model whose pretrained parts are the codec's weights, new block initialised."""
+def from_codec(codec: SNAC, target_rate: int, init: str = "smart", seed: int = 0,
+               interpolator: str = "cubic") -> SNAC48:
+    """A 48 kHz model whose pretrained parts are the codec's weights, new block initialised;
+    `interpolator` (smart init only): the step-0 upsampling of the codec's output, cubic or hold."""
     if init not in ("smart", "random"):
         raise ValueError(f"init must be 'smart' or 'random', got {init!r}")
+    if interpolator not in INTERPOLATORS:
+        raise ValueError(f"interpolator must be one of {INTERPOLATORS}, got {interpolator!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SNAC48(snac_config(codec), target_rate)
         missing, unexpected = model.load_state_dict(codec.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("decoder.new_block.") for k in missing), (missing, unexpected)
         if init == "smart":
-            smart_init(model)
+            smart_init(model, interpolator)
     for part in model.frozen_parts():
         freeze(part)
     return model
@@ -204,31 +222,82 @@ def spread_taps(v: torch.Tensor, r: int) -> torch.Tensor:
     return out
 
 
+def keys_cubic(r: int) -> torch.Tensor:
+    """Keys' cubic convolution kernel (a = -1/2) sampled every 1/r: the 4r - 1 taps that
+    interpolate a zero-stuffed signal by r (centre tap 1; zero at the other multiples of r)."""
+    t = (torch.arange(-(2 * r - 1), 2 * r, dtype=torch.float64) / r).abs()
+    return torch.where(t <= 1, 1.5 * t**3 - 2.5 * t**2 + 1, -0.5 * t**3 + 2.5 * t**2 - 4 * t + 2)
+
+
+def hold_quotient(h: torch.Tensor, r: int) -> torch.Tensor:
+    """q with h = box_r * q (box_r: r ones, the hold). Exact (remainder 0) for any h that
+    reproduces constants: its polyphase parts each sum to 1, so it vanishes where the box does."""
+    q, rest = h.clone(), torch.zeros(len(h) - r + 1, dtype=h.dtype)
+    for i in range(len(rest)):                  # long division by 1 + z + ... + z^(r-1)
+        rest[i] = q[i]
+        q[i:i + r] -= rest[i]
+    assert q.abs().max() < 1e-12, f"kernel does not factor through the hold: remainder {q.abs().max():g}"
+    return rest
+
+
+def head_taps(w: torch.Tensor, r: int, interpolator: str) -> torch.Tensor:
+    """The wide head's taps (out, in, k') from the pretrained head's (out, in, k), so that after
+    the hold upsampler its output is the pretrained head's output at the codec rate, upsampled
+    by `interpolator`: hold spreads the taps (r - 1 zeros between them, (k - 1) r + 1 taps);
+    cubic convolves those with the cubic kernel's quotient by the hold ((k - 1) r + 4r - 1 taps,
+    r - 1 leading zeros centre it)."""
+    wide = spread_taps(w, r)
+    if interpolator == "hold":
+        return wide
+    q = hold_quotient(keys_cubic(r), r).to(w.dtype)
+    o, i, k = wide.shape
+    full = torch.nn.functional.conv1d(wide.reshape(o * i, 1, k), q.flip(0)[None, None], padding=len(q) - 1)
+    return torch.nn.functional.pad(full.reshape(o, i, -1), (r - 1, 0))
+
+
+def head_size(k: int, r: int, interpolator: str) -> int:
+    """Taps of the wide head made from a k-tap pretrained one (see head_taps)."""
+    return (k - 1) * r + (1 if interpolator == "hold" else 4 * r - 1)
+
+
 @torch.no_grad()
-def spread(conv: nn.Module, r: int) -> nn.Module:
-    """The undilated weight-normed conv computing what `conv` dilated by r computes: same norm g,
-    direction v with zeros between its taps (so the same |v|), same bias."""
-    k = (conv.kernel_size[0] - 1) * r + 1
+def widen_head(conv: nn.Module, r: int, interpolator: str) -> nn.Module:
+    """The undilated weight-normed head for smart init (see the module docstring). hold keeps
+    the norm g and the direction v spread (the same |v|); cubic gets the weight it computes."""
+    k = head_size(conv.kernel_size[0], r, interpolator)
     wide = WNConv1d(conv.in_channels, conv.out_channels, k, padding=k // 2, device=conv.bias.device)
     src, dst = conv.parametrizations.weight, wide.parametrizations.weight
-    dst.original0.copy_(src.original0)
-    dst.original1.copy_(spread_taps(src.original1, r))
+    if interpolator == "hold":
+        dst.original0.copy_(src.original0)
+        dst.original1.copy_(spread_taps(src.original1, r))
+    else:
+        wide.weight = head_taps(conv.weight.detach(), r, interpolator)   # through right_inverse
     wide.bias.copy_(conv.bias)
     return wide
 
 
 def adapt_head(model: SNAC48, sd: dict) -> dict:
-    """`sd` with a pretrained k-tap head (SNAC's own, or the earlier dilated one) spread to the
-    model's wide head ((k-1)*r+1 taps): the function smart init gives it. Other keys untouched."""
-    key = f"decoder.model.{len(model.decoder.model) - 2}.parametrizations.weight.original1"
-    k, wide = (sd[key].shape[-1] if key in sd else 0), model.decoder.model[-2].kernel_size[0]
-    if 1 < k < wide and (wide - 1) % (k - 1) == 0:
-        sd = {**sd, key: spread_taps(sd[key], (wide - 1) // (k - 1))}
+    """`sd` with a pretrained k-tap head (SNAC's own, or the earlier dilated one) made into the
+    model's wide head: the function smart init gives it (hold or cubic, told by the taps). Other
+    keys untouched; `sd` as it is when its head already fits or fits neither."""
+    n = len(model.decoder.model) - 2
+    g_key, v_key = (f"decoder.model.{n}.parametrizations.weight.original{i}" for i in (0, 1))
+    r, wide = model.decoder.factor, model.decoder.model[-2].kernel_size[0]
+    k = sd[v_key].shape[-1] if v_key in sd else 0
+    if k <= 1 or k >= wide:
+        return sd
+    if wide == head_size(k, r, "hold"):
+        return {**sd, v_key: spread_taps(sd[v_key], r)}
+    if wide == head_size(k, r, "cubic") and g_key in sd:
+        v = sd[v_key]
+        w = sd[g_key] * v / v.norm(dim=(1, 2), keepdim=True)
+        w = head_taps(w, r, "cubic")
+        return {**sd, g_key: w.norm(dim=(1, 2), keepdim=True), v_key: w}
     return sd
 
 
 @torch.no_grad()
-def smart_init(model: SNAC48) -> None:
+def smart_init(model: SNAC48, interpolator: str = "cubic") -> None:
     blk = model.decoder.new_block.block
     last = [m for m in model.decoder.model if isinstance(m, DecoderBlock)][-1].block
     snake, up = blk[0], blk[1]
@@ -243,7 +312,7 @@ def smart_init(model: SNAC48) -> None:
     w[idx, idx % w.shape[1], :] = taps
     up.weight = w                      # through weight_norm's right_inverse
     up.bias.zero_()
-    model.decoder.model[-2] = spread(model.decoder.model[-2], model.decoder.factor)
+    model.decoder.model[-2] = widen_head(model.decoder.model[-2], model.decoder.factor, interpolator)
     pre = [m for m in blk if isinstance(m, (NoiseBlock, ResidualUnit))]
     src = [m for m in last if isinstance(m, (NoiseBlock, ResidualUnit))]
     for dst, s in zip(pre, src):

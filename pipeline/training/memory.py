@@ -31,7 +31,7 @@ GPU_GB = 80          # an H100's memory: the preset must fit it with 10 % headro
 
 def build(codec_config: dict, target_rate: int, s: dict, device):
     """Model (random weights of the real shapes), what trains, loss and discriminators for a phase."""
-    model = from_codec(build_codec(codec_config, 0), target_rate, s["init"])
+    model = from_codec(build_codec(codec_config, 0), target_rate, s["init"], interpolator=s["interpolator"])
     if s["lora"]["enabled"]:
         from ..model.lora import LoRAConfig, apply_lora
         apply_lora(model, LoRAConfig(**{k: v for k, v in s["lora"].items() if k != "enabled"}))

@@ -161,7 +161,7 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
                f"{init_dir}: its encoder/quantizer differ from the codec's; the codes would not mean the same thing")
         start_weights = json.loads((Path(init_dir) / "config.json").read_text())["weights_digest"]
     else:
-        model = from_codec(codec, target_rate, s["init"], s["seed"])
+        model = from_codec(codec, target_rate, s["init"], s["seed"], s["interpolator"])
         start_weights = f"{fp['codec_digest']}:{s['init']}"
         pf.add("start weights", True, f"codec + new block, {s['init']} init")
     if s["init_checkpoint"]:
