@@ -32,17 +32,19 @@ Smart init (the default) makes the new model start as "the 24 kHz output, upsamp
         hold above it sees at every target-rate sample the features it saw at the codec-rate
         one, so the start is the 24 kHz output held for r samples.
     Measured on the demo codec trained on real read speech (BENCHMARKS.md, "Real 48 kHz
-    recordings", 15 held-out utterances): the hold mirrors 0-12 kHz into 12-24 kHz 3-14 dB below
-    it (at step 0, 20 dB below the whole signal), the cubic kernel 6-40 dB below (30 dB); ViSQOL
-    at step 0 is 3.17 (hold) and 3.44 (cubic) against 3.34 for the soxr-upsampled 24 kHz output,
-    and after the three phases 3.14 and 3.42. On the demo codec (config/config.yaml, 8 held-out
-    demo clips, noise off), the hold start is 12.7 dB SNR (12.6 to 12.9) against the soxr
-    upsampling of the 24 kHz output, vs -27.6 dB for random init (tests/test_train.py bounds
-    both). Unlike a conv dilated by r, whose response is periodic in the codec rate
-    (|H(f)| = |H(codec_rate - f)|: mirrored about the codec Nyquist), either head can shape the
-    new band on its own once it trains.
+    recordings"): the hold mirrors 0-12 kHz into 12-24 kHz 3-14 dB below it (at step 0, the band
+    is 20 dB below the whole signal), the cubic kernel 6-40 dB below (30 dB). ViSQOL at step 0,
+    15 held-out utterances: 3.17 (hold), 3.44 (cubic), 3.34 for the soxr-upsampled 24 kHz output;
+    after the three phases, all 74: 3.12 (hold), 3.37 (cubic), 3.28 (soxr). On the synthetic demo
+    (config/config.yaml, 8 held-out demo clips, noise off), the hold start is 12.7 dB SNR (12.6 to
+    12.9) against the soxr upsampling of the 24 kHz output, vs -27.6 dB for random init; on the
+    tests' tiny codec cubic 20.0, hold 6.9, random -9.9 dB (tests/test_train.py bounds them).
+    Unlike a conv dilated by r, whose response is periodic in the codec rate (|H(f)| =
+    |H(codec_rate - f)|: mirrored about the codec Nyquist), either head can shape the new band
+    on its own once it trains.
 (A linear-interpolating upsampler was tried first: learned features alternate in sign from
-sample to sample, so interpolated features gave -10 dB; and SNAC's 7-tap head undilated, -14.9 dB.)
+sample to sample, so interpolated features gave -10 dB; and SNAC's 7-tap head undilated, -14.9 dB.
+Hence the interpolation sits in the head, after the last Snake, where everything is linear.)
 All writes go to the parameters weight_norm really holds: `module.weight = W` (right_inverse sets
 original0 = |W| and original1 = W) or original0 (the norm g) directly; writing into `.weight` in
 place would change nothing, as a test shows.
