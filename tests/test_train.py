@@ -470,6 +470,15 @@ def test_init_checkpoint_non_strict_and_refusal(small_cache, tmp_path):
     with pytest.raises(RuntimeError, match="decoder.model.1"):
         run(small_cache, "full", settings(init_checkpoint=str(tmp_path / "partial.safetensors"),
                                           groups=[{"pattern": "decoder"}]), tmp_path / "b")
+    # a model with the hold head (13 taps) into the cubic default (19) is refused, naming the
+    # setting that fits it; with that setting it loads strictly
+    M.save_model(M.from_codec(load_codec(small_cache / "codec"), 48000, "smart", interpolator="hold"), tmp_path / "hold")
+    whole = {"init_checkpoint": str(tmp_path / "hold"), "groups": [{"pattern": "decoder"}]}
+    with pytest.raises(RuntimeError, match="13 taps, this model's 19: smart init's `interpolator`"):
+        run(small_cache, "full", settings(**whole), tmp_path / "c")
+    run(small_cache, "full", settings(steps=1, warmup_steps=0, val_every=1, interpolator="hold", **whole), tmp_path / "d")
+    item = [i for i in json.loads((tmp_path / "d/preflight.json").read_text())["items"] if i["item"] == "init_checkpoint"][0]
+    assert ": strict" in item["detail"]
 
 
 def test_several_manifests_sampled_by_weight(small_cache, tmp_path):

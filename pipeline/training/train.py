@@ -163,7 +163,8 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
     else:
         model = from_codec(codec, target_rate, s["init"], s["seed"], s["interpolator"])
         start_weights = f"{fp['codec_digest']}:{s['init']}"
-        pf.add("start weights", True, f"codec + new block, {s['init']} init")
+        how = f"smart init ({s['interpolator']})" if s["init"] == "smart" else f"{s['init']} init"
+        pf.add("start weights", True, f"codec + new block, {how}")
     if s["init_checkpoint"]:
         start_weights = warm_start(model, s["init_checkpoint"], s["groups"], pf)
     lora = None

@@ -47,8 +47,11 @@ def warm_start(model, path, groups, pf) -> str:
     uncovered = [k for k in missing + mismatched if not k.startswith("decoder.new_block.") and "lora_" not in k
                  and any(matches(k, p) for p in trained)]
     if uncovered:
+        head = f"decoder.model.{len(model.decoder.model) - 2}.parametrizations.weight.original1"
+        hint = (f"; its output head has {sd[head].shape[-1]} taps, this model's {own[head].shape[-1]}: smart "
+                "init's `interpolator` (cubic or hold) sets them" if head in mismatched else "")
         pf.fail("init_checkpoint", f"{path} lacks {len(uncovered)} tensors this phase trains and no init "
-                f"covers (e.g. {uncovered[:3]})")
+                f"covers (e.g. {uncovered[:3]}){hint}")
     model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in mismatched}, strict=False)
     if missing or unexpected or mismatched:
         t = Table(title=f"init_checkpoint {path}: loaded non-strictly")
