@@ -94,6 +94,16 @@ def test_smart_init_head_is_the_dilated_head_at_step_0():
         torch.testing.assert_close(smart.decode(codes), old.decode(codes), rtol=0, atol=1e-7)
 
 
+def cubic_interpolation(x, r):
+    """x (..., T) interpolated by r: zero-stuffed, convolved with Keys' cubic kernel (the
+    definition, not the head smart init builds from it)."""
+    stuffed = x.new_zeros(*x.shape[:-1], x.shape[-1] * r)
+    stuffed[..., ::r] = x
+    k = M.keys_cubic(r).to(x.dtype)
+    flat = stuffed.reshape(-1, 1, stuffed.shape[-1])
+    return torch.nn.functional.conv1d(flat, k[None, None], padding=len(k) // 2).reshape(stuffed.shape)
+
+
 @pytest.mark.parametrize("target_rate", [48000, 72000])
 def test_smart_init_cubic_head_is_the_cubic_interpolation_at_step_0(target_rate):
     """The cubic head on the held features computes the hold head's codec-rate output (before
@@ -110,10 +120,8 @@ def test_smart_init_cubic_head_is_the_cubic_interpolation_at_step_0(target_rate)
             x = layer(x)
         held, cubic = heads["hold"].decoder.model[-2](x), heads["cubic"].decoder.model[-2](x)
         bias = heads["hold"].decoder.model[-2].bias[:, None]
-        stuffed = torch.zeros_like(held)
-        stuffed[..., ::r] = held[..., ::r] - bias
-        k = M.keys_cubic(r).float()
-        want = torch.nn.functional.conv1d(stuffed, k[None, None], padding=len(k) // 2) + bias
+        want = cubic_interpolation(held[..., ::r] - bias, r) + bias
+    k = M.keys_cubic(r)
     assert k[len(k) // 2] == 1 and not k[len(k) // 2 + r::r].any()
     inner, tol = slice(4 * r, -4 * r), 1e-4 * float(want.abs().max())   # away from the edges' zero padding
     torch.testing.assert_close(cubic[..., inner], want[..., inner], rtol=0, atol=tol)
@@ -161,9 +169,9 @@ def test_smart_init_head_geometry_survives_save_and_load(tmp_path):
     codec = tiny_codec()
     codes = [torch.randint(0, 64, (1, 8 * 4 // s)) for s in (4, 2, 1)]
     for init, interpolator, taps in (("smart", "cubic", 19), ("smart", "hold", 13), ("random", "cubic", 7)):
-        m = M.from_codec(codec, 48000, init, interpolator=interpolator)
-        M.save_model(m, tmp_path / interpolator if init == "smart" else tmp_path / init)
-        back = M.load_model(tmp_path / interpolator if init == "smart" else tmp_path / init)
+        m, folder = M.from_codec(codec, 48000, init, interpolator=interpolator), tmp_path / (interpolator if init == "smart" else init)
+        M.save_model(m, folder)
+        back = M.load_model(folder)
         assert back.decoder.model[-2].kernel_size == (taps,) and back.config["head"] == {"kernel_size": taps}
         with noise_disabled(m), noise_disabled(back):
             assert torch.equal(m.decode(codes), back.decode(codes))
@@ -220,10 +228,7 @@ def upsampled(y, r, interpolator):
     Keys' cubic on the output before its tanh."""
     if interpolator == "hold":
         return y.repeat_interleave(r)
-    stuffed = torch.zeros(len(y) * r, dtype=torch.float64)
-    stuffed[::r] = torch.atanh(y.double())
-    k = M.keys_cubic(r)
-    return torch.tanh(torch.nn.functional.conv1d(stuffed[None, None], k[None, None], padding=len(k) // 2)[0, 0])
+    return torch.tanh(cubic_interpolation(torch.atanh(y.double()), r))
 
 
 @torch.no_grad()

@@ -278,12 +278,17 @@ def widen_head(conv: nn.Module, r: int, interpolator: str) -> nn.Module:
     return wide
 
 
+def head_keys(model: SNAC48) -> tuple[str, str]:
+    """State-dict keys of the output head's weight-norm g and direction v."""
+    n = len(model.decoder.model) - 2
+    return tuple(f"decoder.model.{n}.parametrizations.weight.original{i}" for i in (0, 1))
+
+
 def adapt_head(model: SNAC48, sd: dict) -> dict:
     """`sd` with a pretrained k-tap head (SNAC's own, or the earlier dilated one) made into the
     model's wide head: the function smart init gives it (hold or cubic, told by the taps). Other
     keys untouched; `sd` as it is when its head already fits or fits neither."""
-    n = len(model.decoder.model) - 2
-    g_key, v_key = (f"decoder.model.{n}.parametrizations.weight.original{i}" for i in (0, 1))
+    g_key, v_key = head_keys(model)
     r, wide = model.decoder.factor, model.decoder.model[-2].kernel_size[0]
     k = sd[v_key].shape[-1] if v_key in sd else 0
     if k <= 1 or k >= wide:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..model.codec import state_digest
-from ..model.snac48 import FROZEN_FOREVER, adapt_head, matches
+from ..model.snac48 import FROZEN_FOREVER, adapt_head, head_keys, matches
 from ..ui import console
 
 
@@ -47,7 +47,7 @@ def warm_start(model, path, groups, pf) -> str:
     uncovered = [k for k in missing + mismatched if not k.startswith("decoder.new_block.") and "lora_" not in k
                  and any(matches(k, p) for p in trained)]
     if uncovered:
-        head = f"decoder.model.{len(model.decoder.model) - 2}.parametrizations.weight.original1"
+        head = head_keys(model)[1]
         hint = (f"; its output head has {sd[head].shape[-1]} taps, this model's {own[head].shape[-1]}: smart "
                 "init's `interpolator` (cubic or hold) sets them" if head in mismatched else "")
         pf.fail("init_checkpoint", f"{path} lacks {len(uncovered)} tensors this phase trains and no init "
