@@ -45,6 +45,20 @@ class Group:
         dist.all_reduce(t)
         return t.tolist()
 
+    def mean_terms(self, terms: dict) -> dict:
+        """{name: scalar tensor or float} -> {name: float}, each the mean over ranks: one
+        all-reduce of one stacked tensor, then one transfer to the host (the logging's only wait)."""
+        if not terms:
+            return {}
+        values = list(terms.values())
+        device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
+        t = torch.stack([torch.as_tensor(v, device=device).detach().reshape(()).to(torch.float64) for v in values])
+        if self.world > 1:
+            t = t.to(_device())
+            dist.all_reduce(t)
+            t /= self.world
+        return dict(zip(terms, t.tolist()))
+
     def broadcast(self, obj):
         """rank 0's `obj` on every rank."""
         if self.world == 1:

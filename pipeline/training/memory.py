@@ -22,6 +22,7 @@ import torch
 from ..model.codec import build_codec
 from ..model.snac48 import from_codec, param_groups
 from ..settings import segment_frames
+from .device import set_precision
 from .discriminators import Adversarial
 from .losses import ReconstructionLoss
 
@@ -38,6 +39,8 @@ def build(codec_config: dict, target_rate: int, s: dict, device):
     groups, _ = param_groups(model, s["groups"], s["lr"])
     model.to(device).train()
     model.decoder.checkpointing = s["activation_checkpointing"]
+    set_precision(s["precision"], torch.device(device), model.decoder)
+    # the split on the CPU too: CPU bf16 autocast stands in for CUDA's in the estimate
     model.decoder.bf16_layers = model.decoder.bf16_split() if s["precision"] == "bf16" else 0
     loss_fn = ReconstructionLoss(target_rate, s["lambdas"], n_ffts=s["n_ffts"], n_mels=s["n_mels"]).to(device)
     adv = Adversarial(s["adversarial"], model.geometry).to(device) if s["adversarial"]["enabled"] else None
