@@ -11,7 +11,7 @@ import traceback
 
 # The commands that run on a GPU when there is one; each drives one device (the first it sees)
 # and, on a machine with several, first claims a free one of its own (pipeline/gpus.py).
-GPU_COMMANDS = ("train", "evaluate", "precompute-shard")
+GPU_COMMANDS = ("train", "evaluate", "precompute-shard", "demo-codec")
 
 
 def _json(s: str) -> dict:
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     c.add_argument("--manifest", required=True, nargs="+")
     c.add_argument("--out", required=True)
     c.add_argument("--settings", type=_json, required=True)
+    c.add_argument("--device", default="auto", help="auto: CUDA when there is one (not a setting: never a rerun)")
 
     c = sub.add_parser("precompute-shard", help="encode one shard of a manifest into the zarr cache")
     c.add_argument("--manifest", required=True, nargs="+", help="one or more manifests, in config order")
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.knobs = knobs = {**getattr(a, "settings", {}), **getattr(a, "runtime", {})}     # runtime over settings
-    if a.command in GPU_COMMANDS and knobs.get("device", "auto") != "cpu":
+    if a.command in GPU_COMMANDS and knobs.get("device", getattr(a, "device", "auto")) != "cpu":
         from .gpus import claim
         claim(knobs.get("nproc_per_node", 1))      # a phase under torchrun: one GPU per process
     _header(a.command)
@@ -262,7 +263,7 @@ def _run(a) -> int | None:
         print(json.dumps(generate_demo(a.out, **a.settings)))
     elif a.command == "demo-codec":
         from .model.democodec import train_demo_codec
-        train_demo_codec(a.manifest, a.out, a.settings)
+        train_demo_codec(a.manifest, a.out, a.settings, a.device)
     elif a.command == "precompute-shard":
         from .data.precompute import run_shard
         run_shard(a.manifest, a.shard, a.n_shards, a.codec, a.out, a.knobs)
