@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import settings
+from conftest import settings, tiny_codec
+
+from pipeline.model import snac48 as M
 
 from pipeline.training import train as T
 from pipeline.training.distributed import Group
@@ -46,12 +48,16 @@ def count_host_reads(monkeypatch) -> list:
     return seen
 
 
-def trainer(small_cache, out, **over):
-    s = settings(**over)
+def trainer(small_cache, out, device="cpu", **over):
+    s = settings(device=device, **over)
     shards = sorted(str(p) for p in (small_cache / "cache").glob("shard-*.zarr"))
     held = sorted(str(p) for p in (small_cache / "heldout").glob("shard-*.zarr"))
-    return T.setup("warmup", T.complete(s, "train.warmup"), Group(), torch.device("cpu"), small_cache / "codec", 48000,
+    return T.setup("warmup", T.complete(s, "train.warmup"), Group(), torch.device(device), small_cache / "codec", 48000,
                    shards, held, None, out, None, "default")
+
+
+ADVERSARIAL = {"enabled": True, "start_step": 0, "periods": [2], "period_channels": [4, 4], "stft_n_ffts": [256],
+               "stft_channels": 4}
 
 
 def test_a_training_step_reads_device_values_once_whatever_grad_accum(small_cache, tmp_path, monkeypatch):
@@ -60,8 +66,7 @@ def test_a_training_step_reads_device_values_once_whatever_grad_accum(small_cach
     finiteness (and the discriminators once for theirs); the mask is read on the CPU, before the
     copy. Counted by call site on CPU: the same count with 1 and with 2 micro-batches, padded
     segments and discriminators included, none in the losses or the micro-batch loop."""
-    adversarial = {"enabled": True, "start_step": 0, "periods": [2], "period_channels": [4, 4],
-                   "stft_n_ffts": [256], "stft_channels": 4}
+    adversarial = ADVERSARIAL
     per_step, pads = {}, []
     real_padding = T.Padding
     monkeypatch.setattr(T, "Padding", lambda mask: pads.append(real_padding(mask)) or pads[-1])
@@ -123,3 +128,59 @@ def test_precision_sets_what_cuda_computes_with(precision, mode, layers):
         assert dec.bf16_layers == 0
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_cuda_training_step_synchronises_twice_with_discriminators(small_cache, tmp_path, compile):
+    """On the GPU itself: CUDA's sync debug mode warns at every call that makes the host wait. A
+    step of 2 micro-batches with discriminators waits twice: the finiteness of the generator's and
+    of the discriminators' gradient norms."""
+    import warnings
+    t = trainer(small_cache, tmp_path, "cuda", grad_accum=2, log_every=10 ** 6, segment_seconds=1.5,
+                adversarial=ADVERSARIAL, compile=compile, steps=4)
+    T.train_step(t, 1)                   # compilation, cuDNN's kernel choice, the allocator's first blocks
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            T.train_step(t, 2)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 2, syncs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default kernels", "deterministic"])
+def test_a_killed_cuda_run_resumes_where_an_uninterrupted_one_ends(small_cache, tmp_path, monkeypatch, deterministic):
+    """A warmup run on CUDA killed after its step-4 checkpoint and rerun ends where the run that
+    was never killed ends: bit for bit with deterministic kernels; otherwise within 2 % of how far
+    the weights moved (CUDA's atomics add in any order)."""
+    from conftest import run
+    from safetensors.torch import load_file
+    from test_trainer_runs import killed_at
+    s = settings(device="cuda", deterministic=deterministic, activation_checkpointing=True, compile=False)
+    run(small_cache, "warmup", s, tmp_path / "straight")
+    killed_at(small_cache, tmp_path / "resumed", s, 4, monkeypatch)
+    state = run(small_cache, "warmup", s, tmp_path / "resumed")
+    assert state["step"] == 8
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("straight", "resumed"))
+    start = M.from_codec(tiny_codec(), 48000).state_dict()
+    key = [k for k in a if k.startswith("decoder.new_block")]
+    moved = torch.cat([(a[k] - start[k]).flatten() for k in key]).norm()
+    apart = torch.cat([(a[k] - b[k]).flatten() for k in key]).norm()
+    assert moved > 0
+    assert (apart == 0) if deterministic else (apart <= 0.02 * moved), (float(apart), float(moved))
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(monkeypatch, capsys, tmp_path):
+    """On a machine without CUDA the check checks nothing, says why, and succeeds (CI runs there)."""
+    from pipeline import __main__ as cli
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["gpu-check"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "gpu-check needs a CUDA device" in out and "nothing was checked" in out
+    assert not (tmp_path / "results").exists()
