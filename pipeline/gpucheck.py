@@ -89,6 +89,10 @@ def main(out: str | None = None, cpu: bool = False, skip=()) -> int:
         report["steps"][name] = result
         report["seconds"] = round(time.perf_counter() - t_start, 1)
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    gain = compile_gain(report["steps"])
+    if gain:
+        report["steps"]["torch.compile"] = gain
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     show(report)
     console.print(f"written: {path}")
     return 0 if all(r["ok"] for r in report["steps"].values()) else 1
@@ -279,6 +283,23 @@ def throughput(work: Path, cpu: bool) -> dict:
                      f"{'' if goal is None or tr >= goal else ' NOT met'}; most time: {slow}"
                      + (f"; {r['peak_gib']:.1f} GiB" if "peak_gib" in r else ""))
     return {"ok": True, "summary": "; ".join(parts), "rows": rows}
+
+
+def compile_gain(steps: dict) -> dict | None:
+    """torch.compile's gain, measured alone: per phase, the compiled bound (throughput) against the
+    eager fp32 step (precision), the same step on the same in-memory batch."""
+    tp, pr = steps.get("throughput", {}).get("rows"), steps.get("precision", {}).get("rows")
+    if not tp or not pr:
+        return None
+    parts, rows = [], []
+    for r in tp:
+        eager = [x["s_per_step"] for x in pr if x["phase"] == r["phase"] and x["precision"] == r["precision"]]
+        if not eager or not r["compile"]:
+            continue
+        e, c = statistics.median(eager[0]), statistics.median(r["bound_s_per_step"])
+        rows.append({"phase": r["phase"], "eager_s": e, "compiled_s": c, "gain": e / c})
+        parts.append(f"{r['phase']}: eager {e:.3f} s a step, compiled {c:.3f} s ({e / c:.2f}x)")
+    return {"ok": True, "summary": "; ".join(parts) or "not compiled here", "rows": rows, "seconds": 0.0} if rows else None
 
 
 def precision(work: Path, cpu: bool) -> dict:

@@ -47,7 +47,7 @@ def set_precision(precision: str, device: torch.device, decoder) -> str:
 
 @contextlib.contextmanager
 def fp32_math(device: torch.device):
-    """IEEE fp32 matmuls and convolutions inside (validation, as the evaluation), whatever the
+    """IEEE fp32 matmuls and convolutions inside (validation; the evaluation may use it), whatever the
     precision outside."""
     if device.type != "cuda":
         yield

@@ -203,7 +203,7 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
         decoder = compiled(decoder)
     pf.add("device / precision", True, f"{device} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
            f"{s['precision']}: {how}" + ("; activation checkpointing" if s["activation_checkpointing"] else "")
-           + (f"; torch.compile ({dev.BACKEND})" if fast else "") + "; validation in IEEE fp32, as the evaluation")
+           + (f"; torch.compile ({dev.BACKEND})" if fast else "") + "; validation in IEEE fp32")
 
     adv = None
     if s["adversarial"]["enabled"]:
