@@ -2,8 +2,9 @@
 
   end to end      the snac_24khz preset through Snakemake on random weights of the official shapes
                   (OFFICIAL_CONFIGS["snac_24khz"] saved as a codec folder) and the demo audio: a few
-                  steps a phase, every phase (one LoRA adapter), evaluation, final.pt; warmup is
-                  stopped by SIGTERM after its first checkpoint and the rerun resumes it
+                  steps a phase, every phase (each LoRA adapter of config/config.yaml: two),
+                  evaluation, final.pt; warmup is stopped by SIGTERM after its first checkpoint and
+                  the rerun resumes it
   cuda tests      pytest -m cuda (tests/), run beside the end-to-end run: metrics, losses,
                   checkpointed gradients on CUDA, host synchronisations per step, a killed run
                   resumed (default and deterministic kernels)
@@ -53,7 +54,6 @@ E2E_YAML = {
     "train": {"defaults": {"warmup_steps": 1, "val_every": 4, "val_batches": 1, "ckpt_every": 2, "log_every": 2,
                            "keep_best": 1, "num_workers": 4},
               "warmup": {"steps": 16, "val_every": 8}, "full": {"steps": 4}, "lora": {"steps": 4}},
-    "lora": {"adapters": {"default": {}}, "final": "default"},          # one adapter job: the same step
     "eval": {"visqol": False, "max_seconds": 30, "bootstrap": 100, "report_clips": 1},
 }
 # --cpu: the same steps at toy sizes, to try the check without a GPU
