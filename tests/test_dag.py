@@ -48,10 +48,11 @@ def reference_parse(paths):
                     reason = "missing `audio`" if audio is None else "`audio` must be a non-empty string"
                 elif not isinstance(uid, str) or not uid:
                     reason = "`id` must be a non-empty string"
-                elif isinstance(ds, bool) or not isinstance(ds, int) or ds < 0:
-                    reason = "`dataset_id` must be a non-negative integer"
-                elif dur is not None and (isinstance(dur, bool) or not isinstance(dur, (int, float))):
-                    reason = "`duration` must be a number"
+                elif isinstance(ds, bool) or not isinstance(ds, int) or not 0 <= ds <= 2**31 - 1:
+                    reason = "`dataset_id` must be an integer in 0..2147483647 (the cache stores int32)"
+                elif dur is not None and (isinstance(dur, bool) or not isinstance(dur, (int, float))
+                                          or not 0 <= dur < float("inf")):
+                    reason = "`duration` must be a finite number >= 0 (seconds)"
                 elif uid in seen:
                     reason = f"duplicate id (first in {seen[uid][0]} line {seen[uid][1]})"
                 else:
@@ -78,6 +79,8 @@ HARD_LINES = [
     b'{"audio": "g3.wav", "dataset_id": 1.0}', b'{"audio": "h.wav", "duration": "1"}',
     b'{"audio": "i.wav", "duration": false}',
     b'{"audio": "j.wav", "dataset_id": 123456789012345678901234567890}',   # orjson: a float
+    b'{"audio": "j1.wav", "dataset_id": 2147483647}', b'{"audio": "j1b.wav", "dataset_id": 2147483648}',
+    b'{"audio": "j3.wav", "duration": -1}', b'{"audio": "j4.wav", "duration": Infinity}',
     b'{"audio": "j2.wav", "duration": 123456789012345678901234567890}',
     b'\xef\xbb\xbf{"audio": "bom.wav"}',
     b'{"audio": "~/k.wav"}', b'{"audio": "/abs/../l.wav", "text": 5}', b'{"audio": "./x/../m.wav"}',

@@ -32,8 +32,11 @@ from typing import NamedTuple
 
 import orjson
 
-INDEX_FORMAT = 1     # bump when what the index holds or how its digests are computed changes
+INDEX_FORMAT = 2     # bump when what the index holds or how its digests are computed changes (2: range checks)
 INDEX_KEEP = 4       # newest cache entries kept (one per manifest version or shard count)
+# what the cache stores (pipeline/data/cache.py TABLE): dataset_id int32, source (manifest index) int16
+DATASET_ID_MAX = 2**31 - 1
+MAX_MANIFESTS = 2**15
 
 
 class Row(NamedTuple):   # a NamedTuple: a million of them are built at parse time (3x faster than a frozen dataclass)
@@ -47,6 +50,7 @@ class Row(NamedTuple):   # a NamedTuple: a million of them are built at parse ti
 
 
 _new_row = tuple.__new__     # Row(...) without the Python-level __new__ that handles defaults
+_INF = float("inf")
 
 
 @dataclass
@@ -92,6 +96,8 @@ def _no_gc():
 
 def _iter_rows(paths: list, datas: list, parsed: Parsed):
     """Yields the rows; counts lines and blank lines and collects the rejects into `parsed`."""
+    if len(paths) > MAX_MANIFESTS:
+        raise ValueError(f"{len(paths)} manifests: the cache records a row's manifest as int16, at most {MAX_MANIFESTS}")
     seen = {}         # id -> source << 40 | line of its first row
     for source, (path, data) in enumerate(zip(paths, datas)):
         resolve = _Resolver(os.path.dirname(path))
@@ -153,10 +159,10 @@ def _parse_line(raw: bytes, n: int, resolve, source: int = 0):
         reason = "missing `audio`" if audio is None else "`audio` must be a non-empty string"
     elif not isinstance(uid, str) or not uid:
         reason = "`id` must be a non-empty string"
-    elif type(ds) is not int or ds < 0:
-        reason = "`dataset_id` must be a non-negative integer"
+    elif type(ds) is not int or not 0 <= ds <= DATASET_ID_MAX:
+        reason = f"`dataset_id` must be an integer in 0..{DATASET_ID_MAX} (the cache stores int32)"
     else:
-        reason = "`duration` must be a number"
+        reason = "`duration` must be a finite number >= 0 (seconds)"
     return None, reason, _extra(obj)
 
 
@@ -169,8 +175,9 @@ def _row(obj, n: int, resolve, source: int):
     ds = obj.get("dataset_id", 0)
     duration = obj.get("duration")
     if (audio.__class__ is not str or not audio.strip() or uid.__class__ is not str or not uid
-            or ds.__class__ is not int or ds < 0
-            or (duration is not None and duration.__class__ is not float and duration.__class__ is not int)):
+            or ds.__class__ is not int or ds < 0 or ds > DATASET_ID_MAX
+            or (duration is not None and ((duration.__class__ is not float and duration.__class__ is not int)
+                                          or not 0 <= duration < _INF))):       # NaN fails too
         return None
     text = obj.get("text")
     return _new_row(Row, (n, uid, resolve(audio), ds, text if text.__class__ is str else None, duration, source))
