@@ -398,3 +398,75 @@ def _prune(cache_dir: str, keep: str) -> None:
     done = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.stat().st_mtime, reverse=True)
     for e in stale + [e for e in done[INDEX_KEEP:] if e.name != keep]:
         shutil.rmtree(e.path, ignore_errors=True)
+
+
+# ---- what a built shard records, read without zarr (parse time) -----------------------------------
+def shard_record(shard_dir) -> dict | None:
+    """The attributes of a shard folder's zarr.json (format, rows it was built from), or None when
+    it has no readable zarr.json (not a shard: the workflow and training report that otherwise).
+    One file read and parsed with orjson: about a millisecond for 15,000 ids."""
+    try:
+        with open(os.path.join(os.fspath(shard_dir), "zarr.json"), "rb") as f:
+            meta = orjson.loads(f.read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    return attrs if isinstance(attrs, dict) else {}
+
+
+# ---- held-out is held out ---------------------------------------------------------------------------
+def heldout_overlap(train, heldout) -> tuple[int, list]:
+    """Held-out rows that are also training rows: the same id, or the same audio file (paths
+    resolved against their manifests' folders, then made absolute; symlinks are not followed).
+    -> (their count, the first five as [(held-out id, how)]). Costs one parse of each manifest
+    (about a second per million rows); the training rows are streamed, none kept."""
+    held = parse_manifest(heldout).rows
+    ids = {r.id for r in held}
+    files = {}
+    for r in held:
+        files.setdefault(os.path.abspath(r.audio), r.id)
+    names = {p[p.rfind("/") + 1:] for p in files}
+    hits = {}
+    paths = as_paths(train)
+    with _no_gc():
+        for r in _iter_rows(paths, [_read(p) for p in paths], Parsed([], [], 0, 0)):
+            if r.id in ids:
+                hits.setdefault(r.id, f"id {r.id!r}")
+            a = r.audio
+            if a[a.rfind("/") + 1:] in names:            # cheap filter before abspath
+                h = files.get(os.path.abspath(a))
+                if h is not None:
+                    hits.setdefault(h, f"the audio of training {r.id!r}")
+    order = [r.id for r in held if r.id in hits]
+    return len(order), [(h, hits[h]) for h in order[:5]]
+
+
+def check_heldout_disjoint(train, heldout, cache_dir=None) -> None:
+    """Raise ValueError naming up to five held-out utterances that are also training ones. A pass
+    is remembered under cache_dir, keyed by the manifests' paths and bytes and the working
+    folder (relative paths resolve against it), so a million-row manifest costs its parse once."""
+    train, heldout = as_paths(train), as_paths(heldout)
+    marker = None
+    if cache_dir is not None:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"disjoint {INDEX_FORMAT}\0{os.getcwd()}\0{len(train)}\0".encode("utf-8", "surrogatepass"))
+        for p in train + heldout:
+            h.update(f"{p}\0".encode("utf-8", "surrogatepass"))
+            h.update(_read(p))
+        marker = os.path.join(os.fspath(cache_dir), f"disjoint-{h.hexdigest()}")
+        if os.path.exists(marker):
+            return
+    n, first = heldout_overlap(train, heldout)
+    if n:
+        what = "utterance is also a training utterance" if n == 1 else "utterances are also training utterances"
+        raise ValueError(
+            f"{n} held-out {what} (same id or same audio file): "
+            + ", ".join(f"{uid!r}" + ("" if how.startswith("id ") else f" ({how})") for uid, how in first)
+            + (" ..." if n > 5 else "") + f"; the evaluation would score the model on what it trained on: remove "
+            f"them from {', '.join(heldout)} or from {', '.join(train)}")
+    if marker is not None:
+        try:
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            open(marker, "w").close()
+        except OSError:
+            pass
