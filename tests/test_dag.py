@@ -302,3 +302,31 @@ def test_20k_rows_shard_jobs_take_digests_not_audio_inputs(tmp_path):
                    "--ignore-incomplete", "--mode", "remote", "--dry-run", "--printshellcmds", target=None)
     assert [j["rule"] for j in r.jobs] == ["train"]
     assert "pipeline train --phase warmup" in r.out, r.out[-3000:]
+
+
+# ---- held-out is held out -----------------------------------------------------------------------------
+def test_heldout_overlap_is_refused_naming_five_and_rides_on_the_index_build(tmp_path, monkeypatch):
+    m = write_corpus(tmp_path, 3000)
+    (tmp_path / "held").mkdir()
+    held = tmp_path / "held" / "h.jsonl"
+    rows = [{"audio": f"../audio/u{i:06d}.wav", "id": f"h{i}"} for i in (5, 6, 7)]          # same files
+    rows += [{"audio": f"x{i}.wav", "id": f"u{i:06d}"} for i in (100, 200, 300, 400)]       # same ids
+    rows += [{"audio": "fresh.wav", "id": "fresh"}]
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checked, index = tmp_path / ".snakemake" / "checked", tmp_path / ".snakemake" / "index"
+    parses = []
+    real = M._iter_rows
+    monkeypatch.setattr(M, "_iter_rows", lambda paths, *a: parses.append(paths) or real(paths, *a))
+    import pytest
+    with pytest.raises(ValueError, match=r"^7 held-out utterances are also training utterances \(same id or same "
+                                         r"audio file\): 'h5' \(the audio of training 'u000005'\), 'h6' \(.*\), 'h7' "
+                                         r"\(.*\), 'u000100', 'u000200' \.\.\.; the evaluation would score"):
+        M.check_heldout_disjoint([str(m)], [str(held)], checked, index=(8, index))
+    assert parses.count([str(m)]) == 1                 # the index build's parse, no second one
+    held.write_text(json.dumps(rows[-1]) + "\n")
+    parses.clear()
+    M.check_heldout_disjoint([str(m)], [str(held)], checked, index=(8, index))   # index cached: one parse
+    assert parses.count([str(m)]) == 1 and len(list(checked.glob("disjoint-*"))) == 1
+    parses.clear()
+    M.check_heldout_disjoint([str(m)], [str(held)], checked, index=(8, index))   # remembered: none
+    assert parses.count([str(m)]) == 0

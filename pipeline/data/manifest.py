@@ -332,9 +332,9 @@ class ShardIndex:
         return h.hexdigest()
 
     @classmethod
-    def build(cls, paths: list, datas: list, n_shards: int, key: str | None = None) -> "ShardIndex":
+    def build(cls, paths: list, datas: list, n_shards: int, key: str | None = None, probe=None) -> "ShardIndex":
         """One pass, no Row kept: per shard a running digest (rows_digest's, fed row by row) and
-        the audio paths."""
+        the audio paths. `probe` (a HeldoutProbe) sees every row in the same pass."""
         hashers = [hashlib.sha256() for _ in range(n_shards)]
         audio = [[] for _ in range(n_shards)]
         with _no_gc():
@@ -342,11 +342,16 @@ class ShardIndex:
                 k = shard_of(r.id, n_shards)
                 hashers[k].update(_row_bytes(r))
                 audio[k].append(r.audio)
+                if probe is not None:
+                    probe(r)
+        if probe is not None:
+            probe.done = True
         return cls(key or cls.key_of(paths, datas, n_shards), [h.hexdigest()[:16] for h in hashers],
                    [len(a) for a in audio], paths=audio)
 
     @classmethod
-    def load(cls, manifests, n_shards: int, cache_dir=None) -> "ShardIndex":
+    def load(cls, manifests, n_shards: int, cache_dir=None, probe=None) -> "ShardIndex":
+        """`probe`: see `build`; it runs only when the index is built, not loaded from the cache."""
         paths = as_paths(manifests)
         datas = [_read(p) for p in paths]
         key = cls.key_of(paths, datas, n_shards)
@@ -361,7 +366,7 @@ class ShardIndex:
                 pass
             except (OSError, ValueError, KeyError, TypeError):     # damaged: rebuilt below
                 shutil.rmtree(folder, ignore_errors=True)
-        index = cls.build(paths, datas, n_shards, key)
+        index = cls.build(paths, datas, n_shards, key, probe)
         if cache_dir is not None:
             index._save(os.fspath(cache_dir), paths)
         return index
@@ -415,36 +420,42 @@ def shard_record(shard_dir) -> dict | None:
 
 
 # ---- held-out is held out ---------------------------------------------------------------------------
-def heldout_overlap(train, heldout) -> tuple[int, list]:
-    """Held-out rows that are also training rows: the same id, or the same audio file (paths
-    resolved against their manifests' folders, then made absolute; symlinks are not followed).
-    -> (their count, the first five as [(held-out id, how)]). Costs one parse of each manifest
-    (about a second per million rows); the training rows are streamed, none kept."""
-    held = parse_manifest(heldout).rows
-    ids = {r.id for r in held}
-    files = {}
-    for r in held:
-        files.setdefault(os.path.abspath(r.audio), r.id)
-    names = {p[p.rfind("/") + 1:] for p in files}
-    hits = {}
-    paths = as_paths(train)
-    with _no_gc():
-        for r in _iter_rows(paths, [_read(p) for p in paths], Parsed([], [], 0, 0)):
-            if r.id in ids:
-                hits.setdefault(r.id, f"id {r.id!r}")
-            a = r.audio
-            if a[a.rfind("/") + 1:] in names:            # cheap filter before abspath
-                h = files.get(os.path.abspath(a))
-                if h is not None:
-                    hits.setdefault(h, f"the audio of training {r.id!r}")
-    order = [r.id for r in held if r.id in hits]
-    return len(order), [(h, hits[h]) for h in order[:5]]
+class HeldoutProbe:
+    """Sees training rows one by one and remembers those that are also held-out rows: the same id,
+    or the same audio file (paths resolved against their manifests' folders, then made absolute;
+    symlinks are not followed). Give it to ShardIndex.build to ride on the index's own parse."""
+
+    def __init__(self, heldout):
+        held = parse_manifest(heldout).rows
+        self.order = [r.id for r in held]
+        self.ids = set(self.order)
+        self.files = {}
+        for r in held:
+            self.files.setdefault(os.path.abspath(r.audio), r.id)
+        self.names = {p[p.rfind("/") + 1:] for p in self.files}
+        self.hits, self.done = {}, False
+
+    def __call__(self, r: Row) -> None:
+        if r.id in self.ids:
+            self.hits.setdefault(r.id, f"id {r.id!r}")
+        a = r.audio
+        if a[a.rfind("/") + 1:] in self.names:            # a cheap filter before abspath
+            h = self.files.get(os.path.abspath(a))
+            if h is not None:
+                self.hits.setdefault(h, f"the audio of training {r.id!r}")
+
+    def result(self) -> tuple[int, list]:
+        """(how many held-out rows are also training rows, the first five as [(id, how)])."""
+        both = [uid for uid in self.order if uid in self.hits]
+        return len(both), [(uid, self.hits[uid]) for uid in both[:5]]
 
 
-def check_heldout_disjoint(train, heldout, cache_dir=None) -> None:
+def check_heldout_disjoint(train, heldout, cache_dir=None, index=None) -> None:
     """Raise ValueError naming up to five held-out utterances that are also training ones. A pass
-    is remembered under cache_dir, keyed by the manifests' paths and bytes and the working
-    folder (relative paths resolve against it), so a million-row manifest costs its parse once."""
+    is remembered under cache_dir, keyed by the manifests' paths and bytes and the working folder
+    (relative paths resolve against it). `index`: (n_shards, index cache folder) of the training
+    split: when its ShardIndex has to be built anyway (a manifest edited), the check rides on
+    that one parse; otherwise the training manifests are parsed for it (once per version)."""
     train, heldout = as_paths(train), as_paths(heldout)
     marker = None
     if cache_dir is not None:
@@ -456,7 +467,15 @@ def check_heldout_disjoint(train, heldout, cache_dir=None) -> None:
         marker = os.path.join(os.fspath(cache_dir), f"disjoint-{h.hexdigest()}")
         if os.path.exists(marker):
             return
-    n, first = heldout_overlap(train, heldout)
+    probe = HeldoutProbe(heldout)
+    if index is not None:
+        ShardIndex.load(train, index[0], index[1], probe=probe)
+    if not probe.done:
+        paths = train
+        with _no_gc():
+            for r in _iter_rows(paths, [_read(p) for p in paths], Parsed([], [], 0, 0)):
+                probe(r)
+    n, first = probe.result()
     if n:
         what = "utterance is also a training utterance" if n == 1 else "utterances are also training utterances"
         raise ValueError(
