@@ -385,16 +385,21 @@ class Shard:
                          f"{f' and {len(gone) - 1} more' if len(gone) > 1 else ''}; rebuild this shard")
 
     def _verify_chunks(self, block: np.ndarray, first: int, i: int | None = None):
-        """`block` holds whole chunks from chunk `first` on (the last may end with the array):
-        each must match the checksum recorded for its position. `i`: the utterance being read."""
+        """`block` holds whole int16 chunks from chunk `first` on (the last may end with the
+        array): each must match the checksum recorded for its position. `i`: the utterance read."""
+        view = np.ascontiguousarray(block, dtype="<i2").view()
+        view.flags.writeable = False                 # google_crc32c takes read-only buffers only
         for c in range(first, first + -(-len(block) // AUDIO_CHUNK)):
             lo = (c - first) * AUDIO_CHUNK
-            if crc_chunk(block[lo:lo + AUDIO_CHUNK]) != self.chunk_crcs[c]:
-                if i is None:       # name the first utterance the chunk holds
-                    i = int(np.searchsorted(self.audio_off, c * AUDIO_CHUNK, side="right")) - 1
-                raise CacheError(f"{self._where(i)}: audio chunk {c} (samples {c * AUDIO_CHUNK}..{(c + 1) * AUDIO_CHUNK - 1}"
-                                 f" of {self.path.name}/audio) does not match the checksum recorded for its place "
-                                 "(moved or copied from elsewhere, or damaged); rebuild this shard")
+            if google_crc32c.value(view[lo:lo + AUDIO_CHUNK]) == self.chunk_crcs[c]:
+                continue
+            if i is None:       # name the first utterance the chunk holds
+                i = int(np.searchsorted(self.audio_off, c * AUDIO_CHUNK, side="right")) - 1
+            if (view[lo:lo + AUDIO_CHUNK] == AUDIO_FILL).any():
+                raise CacheError(f"{self._where(i)}: audio reads as the fill value (a missing chunk); rebuild this shard")
+            raise CacheError(f"{self._where(i)}: audio chunk {c} (samples {c * AUDIO_CHUNK}..{(c + 1) * AUDIO_CHUNK - 1}"
+                             f" of {self.path.name}/audio) does not match the checksum recorded for its place "
+                             "(moved or copied from elsewhere, or damaged); rebuild this shard")
 
     def _verify_audio(self, i: int, audio: np.ndarray):
         if crc_audio(audio) != self.checks["crc_audio"][i]:
@@ -448,9 +453,7 @@ class Shard:
             block = np.asarray(self._reader()[lo:hi])
         except Exception as e:
             raise CacheError(f"{self._where(i)}: audio unreadable ({type(e).__name__}: {e}); rebuild this shard") from None
-        if (block == AUDIO_FILL).any():
-            raise CacheError(f"{self._where(i)}: audio reads as the fill value (a missing chunk); rebuild this shard")
-        self._verify_chunks(block, c0, i)
+        self._verify_chunks(block, c0, i)            # a missing chunk (fill values) fails there too
         return block[a0 - lo:a1 - lo]
 
     def _unchecked_range(self, i: int, a0: int, a1: int) -> np.ndarray:
