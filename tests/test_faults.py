@@ -463,12 +463,18 @@ def test_shard_folder_restored_from_an_older_build_is_rebuilt(built, tmp_path):
     r = snakemake(root, [shard], timeout=600)                        # the shard rebuilt alone
     assert r.rc == 0 and [j["rule"] for j in r.jobs] == ["precompute_shard"], r.out[-3000:]
     _restore(tmp_path / "backup.zarr", root / shard)
+    # and another shard as an older version of the pipeline wrote it: no record of its rows
+    old = next(f"results/cache/shard-{k:03d}.zarr" for k in range(N_SHARDS) if f"shard-{k:03d}" not in shard)
+    meta = json.loads((root / old / "zarr.json").read_text())
+    del meta["attributes"]["rows"]
+    (root / old / "zarr.json").write_text(json.dumps(meta))
 
     r = dry_run(root)
-    assert f"{shard} was built from other manifest rows than the current ones" in " ".join(r.out.split()), \
-        r.out[-3000:]
-    job = next((j for j in r.jobs if j["rule"] == "precompute_shard"), None)
-    assert job and job["output"] == shard and job["reason"] == "Forced execution", r.out[-3000:]
+    out = " ".join(r.out.split())
+    assert f"{shard} was built from other manifest rows than the current ones" in out, r.out[-3000:]
+    assert f"{old} has no record of the manifest rows it was built from" in out, r.out[-3000:]
+    jobs = {j["output"]: j["reason"] for j in r.jobs if j["rule"] == "precompute_shard"}
+    assert jobs == {shard: "Forced execution", old: "Forced execution"}, r.out[-3000:]
     assert {("train", "phase=warmup"), ("evaluate", "")} <= set(r.keys())
 
 
