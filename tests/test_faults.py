@@ -6,6 +6,12 @@ validation and the inference CLIs (`resynth`, `decode`); the DAG (a shard folder
 run is rebuilt, a manifest that does not exist, the interpreter in a path with a space), on the
 demo built once per session (the `built` fixture) and copies of it. The rows about checkpoints,
 preemption and a killed Snakemake are in tests/test_trainer_runs.py and tests/test_workflow.py.
+Issue 18's table is the last section: a valid chunk moved from another shard, a shard folder
+restored from an older build, held-out utterances that are training ones, a FIFO in a manifest,
+a dataset_id beyond int32, a step checkpoint without a part, a partial last line of metrics.jsonl,
+a held-out clip shorter than ViSQOL's patch; its row about the logged losses of several processes
+is tests/test_distributed.py's test_logged_losses_are_the_whole_batchs (and the 1 vs 2 processes
+test's assertions on train/*).
 """
 from __future__ import annotations
 
