@@ -178,12 +178,14 @@ def train(cache_hours: float = 1.0, workers=(0, 1, 2), segment_seconds: float = 
                   f"{on_disk / 1e9:.1f} GB on disk; segments of {n * geo.hop_target / geo.target_rate:.2f} s, "
                   f"batch {batch_size}")
     fast = C.FAST_READS
-    paths = [(w, r) for w in workers for r in (("zarr-python", "zarrs") if w else ("zarr-python",))]
+    # "zarrs, unchecked": without the per-position chunk checksums, to measure what they cost
+    paths = [(w, r) for w in workers for r in (("zarr-python", "zarrs", "zarrs, unchecked") if w else ("zarr-python",))]
     rates, per_cpu = {p: [] for p in paths}, {p: [] for p in paths}
     for r in range(rounds):                               # rounds alternate between the paths
         for j, (w, reader) in enumerate(paths):
             first = (r * len(paths) + j + 1) * 100_000        # fresh batches: no read repeats another's
-            C.FAST_READS = fast if reader == "zarrs" else None  # as the workers fork
+            C.FAST_READS = fast if reader.startswith("zarrs") else None  # as the workers fork
+            C.CHECK_READS = reader != "zarrs, unchecked"
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(data, range(first, first + batches + max(1, w))), batch_size=None,
                 num_workers=w, prefetch_factor=2 if w else None)
@@ -196,7 +198,7 @@ def train(cache_hours: float = 1.0, workers=(0, 1, 2), segment_seconds: float = 
             rates[w, reader].append(batches * batch_size / (time.perf_counter() - t0))
             per_cpu[w, reader].append(batches * batch_size / (_cpu_seconds(it) - c0))
             del it, loader
-    C.FAST_READS = fast
+    C.FAST_READS, C.CHECK_READS = fast, True
     codec = build_codec(_demo_config(), 0)
     model = from_codec(codec, geo.target_rate).train()
     params = [p for p in model.decoder.parameters()]
