@@ -149,9 +149,12 @@ def main(argv=None) -> int:
     c.add_argument("--device", default="auto")
     c.add_argument("--chunk-seconds", type=float, default=None, help=CHUNK_HELP)
 
-    c = sub.add_parser("decode", help="decode codes (.npz, one int array per codebook, coarsest first; "
-                                      "(batch, codes) arrays give OUTPUT-0, OUTPUT-1, ...) to audio")
+    c = sub.add_parser("decode", help="decode codes to audio: .npz (one int array per codebook, coarsest first; "
+                                      "(batch, codes) arrays give OUTPUT-0, OUTPUT-1, ...) or an Orpheus token "
+                                      "list (.json: a JSON array of integers; .txt: integers or <custom_token_N> "
+                                      "tokens; 7 tokens a frame, raw or position-offset codes)")
     c.add_argument("--model", required=True)
+    c.add_argument("--lora", default=None, help="a lora_weights.safetensors to apply at inference")
     c.add_argument("codes")
     c.add_argument("output")
     c.add_argument("--device", default="auto")
@@ -320,7 +323,7 @@ def _run(a) -> int | None:
         if a.command == "resynth":
             infer.resynth(a.model, a.input, a.output, a.device, a.lora, **chunk)
         else:
-            infer.decode(a.model, a.codes, a.output, a.device, **chunk)
+            infer.decode(a.model, a.codes, a.output, a.device, lora=a.lora, **chunk)
     elif a.command == "bench" and a.what == "memory":
         from .training.memory import report
         report(a.configfile)
