@@ -71,6 +71,16 @@ def main(argv=None) -> int:
     c.add_argument("--out", required=True)
     c.add_argument("--settings", type=_json, required=True)
 
+    c = sub.add_parser("make-manifest", help="train.jsonl + heldout.jsonl (+ skipped.jsonl) from a folder of audio")
+    c.add_argument("audio_dir", help="folder scanned recursively for audio files (any format libsndfile reads)")
+    c.add_argument("out_dir", help="where the manifests go (their audio paths are relative to it)")
+    c.add_argument("--speaker-depth", type=int, default=None, metavar="N",
+                   help="the folder level under AUDIO_DIR that names the speaker (1: AUDIO_DIR/<speaker>/...); "
+                        "the held-out split then never shares a speaker with training")
+    c.add_argument("--heldout-fraction", type=float, default=0.05, help="share of the files held out (default 0.05)")
+    c.add_argument("--seed", type=int, default=0, help="which speakers (or files) are held out")
+    c.add_argument("--workers", type=int, default=16, help="threads reading the audio headers")
+
     c = sub.add_parser("precompute-shard", help="encode one shard of a manifest into the zarr cache")
     c.add_argument("--manifest", required=True, nargs="+", help="one or more manifests, in config order")
     c.add_argument("--shard", type=int, required=True)
@@ -266,6 +276,9 @@ def _run(a) -> int | None:
     elif a.command == "demo-codec":
         from .model.democodec import train_demo_codec
         train_demo_codec(a.manifest, a.out, a.settings)
+    elif a.command == "make-manifest":
+        from .data.folder import make_manifest
+        make_manifest(a.audio_dir, a.out_dir, a.speaker_depth, a.heldout_fraction, a.seed, a.workers)
     elif a.command == "precompute-shard":
         from .data.precompute import run_shard
         run_shard(a.manifest, a.shard, a.n_shards, a.codec, a.out, a.knobs)
