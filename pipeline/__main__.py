@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     c.add_argument("--chunk-seconds", type=float, default=None, help=CHUNK_HELP)
 
     c = sub.add_parser("bench", help="print throughput figures")
-    c.add_argument("what", choices=["precompute", "train", "memory", "dag"])
+    c.add_argument("what", choices=["precompute", "train", "memory", "dag", "decode"])
     c.add_argument("--seconds", type=float, default=20.0, help="precompute: audio seconds per measurement")
     c.add_argument("--cache-hours", type=float, default=1.0,
                    help="train: hours of synthetic cache, built once under results/bench/ and reused")
@@ -183,8 +183,16 @@ def main(argv=None) -> int:
                    help="memory: the preset(s) to size, layered over config/config.yaml")
     c.add_argument("--rows", type=int, default=100_000, help="dag: manifest lines")
     c.add_argument("--shards", type=int, default=64, help="dag: precompute.shards")
-    c.add_argument("--rounds", type=int, default=3, help="dag: repetitions of each measurement")
+    c.add_argument("--rounds", type=int, default=3, help="dag, decode: repetitions of each measurement")
     c.add_argument("--keep", default=None, help="dag: build the synthetic tree in this folder and keep it")
+    c.add_argument("--model", default=None, help="decode: a model folder or final.pt (default: random weights of "
+                   "--preset's shapes)")
+    c.add_argument("--preset", default="snac_24khz", help="decode: official SNAC shapes to build without weights "
+                   "(snac_24khz, snac_32khz, snac_44khz)")
+    c.add_argument("--clip-seconds", type=float, default=10.0, help="decode: seconds of codes per offline decode")
+    c.add_argument("--push-frames", type=int, default=4, help="decode: finest frames per streaming push")
+    c.add_argument("--device", nargs="+", default=None, help="decode: devices to measure (default: cpu, and cuda "
+                   "where there is one)")
 
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
@@ -344,6 +352,8 @@ def _run(a) -> int | None:
         from . import bench
         if a.what == "dag":
             bench.dag(a.rows, a.shards, a.rounds, a.keep)
+        elif a.what == "decode":
+            bench.decode(a.model, a.preset, a.clip_seconds, a.rounds, a.push_frames, devices=a.device)
         elif a.what == "train" and a.nproc_per_node:
             bench.processes(a.nproc_per_node)
         elif a.what == "train":

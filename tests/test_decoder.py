@@ -277,3 +277,14 @@ def test_orpheus_token_lists_that_do_not_fit_are_refused(tmp_path, capsys):
         with pytest.raises(ValueError, match=msg):
             from pipeline.evaluation.codes import read_codes
             read_codes(tmp_path / name, g)
+
+
+def test_bench_decode_measures_both_paths_on_a_saved_model(model_dir):
+    """`python -m pipeline bench decode --model` runs end to end (figures, no timing asserted): an
+    offline figure per round and a latency per push that returned audio, for the 48 kHz decoder and
+    SNAC's own, with the stream's lag."""
+    from pipeline import bench
+    r = bench.decode(str(model_dir), seconds=1.0, rounds=2, pushes=3, devices=["cpu"])
+    assert set(r) == {"cpu/48 kHz decoder", "cpu/SNAC 24 kHz"}
+    for v in r.values():
+        assert len(v["x_real_time"]) == 2 and len(v["push_ms"]) == 6 and v["lag_ms"] == pytest.approx(12 * 512 / 24)
