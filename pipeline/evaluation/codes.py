@@ -218,7 +218,8 @@ def _minmax(a) -> tuple:
     if isinstance(a, np.ndarray):
         return int(a.min()), int(a.max())
     import torch
-    lo, hi = torch.aminmax(a if a.dtype != torch.uint8 else a.int())
+    signed = (torch.int8, torch.int16, torch.int32, torch.int64)
+    lo, hi = torch.aminmax(a if a.dtype in signed else a.to(torch.int64))   # few ops take uint16+
     return int(lo), int(hi)
 
 
