@@ -540,7 +540,6 @@ def decode(model_path: str | None = None, preset: str = "snac_24khz", seconds: f
 
     from snac import SNAC
 
-    from .evaluation.chunked import codes_reach
     from .evaluation.decoder import Decoder, open_model
     from .model.codec import geometry as geometry_of
     from .model.snac48 import from_codec
