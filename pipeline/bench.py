@@ -521,3 +521,112 @@ def dag(rows: int = 100_000, shards: int = 64, rounds: int = 3, keep: str | None
         "everything but running the shell command (its --wait-for-files dropped: the files exist). "
         "wall and CPU s: medians; peak RSS: the largest process.")
     return result
+
+
+# -------------------------------------------------------------------------------------- decode
+
+def decode(model_path: str | None = None, preset: str = "snac_24khz", seconds: float = 10.0, rounds: int = 3,
+           push_frames: int = 4, pushes: int = 8, devices=None) -> dict:
+    """bench decode: what a TTS server gets from the 48 kHz decoder, beside SNAC's own decode of the
+    same codes at the codec rate, on the CPU and on the GPU where there is one:
+      offline   x real time of one decode of `seconds` of random codes at batch 1 (audio seconds /
+                wall seconds, synchronized), after a warm-up decode;
+      streaming the time from a push of `push_frames` finest frames (rounded up to whole quanta) to
+                its audio on the host, over `pushes` pushes that return audio (after the first
+                `right context` frames: the lag, printed in ms, that no compute removes).
+    The model: `model_path` (a folder or final.pt), else random weights of the official `preset`'s
+    shapes (pipeline.model.codec.OFFICIAL_CONFIGS: the speed of trained weights). SNAC's side is its
+    decoder with random weights of the same codec config. Rounds alternate the two paths; median
+    and spread (min-max) over rounds (offline) or over every push (streaming)."""
+    import math
+
+    from snac import SNAC
+
+    from .evaluation.decoder import Decoder, open_model
+    from .model.codec import geometry as geometry_of
+    from .model.snac48 import from_codec
+
+    devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    load0 = os.getloadavg()[0]
+    if model_path:
+        base, _ = open_model(model_path, "cpu")
+        what = str(model_path)
+    else:
+        cfg = OFFICIAL_CONFIGS[preset]
+        rate = cfg["sampling_rate"]
+        target = TARGET_RATE if TARGET_RATE % rate == 0 and TARGET_RATE // rate >= 2 else 2 * rate
+        base = from_codec(build_codec(cfg, 0), target)
+        what = f"{preset} shapes, random weights"
+    codec_cfg = getattr(base, "codec_config", None)
+
+    class CodecRate(torch.nn.Module):
+        """SNAC's own decode, with the geometry a stream needs (target rate = codec rate)."""
+        def __init__(self, snac, geo):
+            super().__init__()
+            self.snac, self.geometry = snac, geo
+
+        def decode(self, codes):
+            return self.snac.decode(codes)
+
+    g = base.geometry
+    q = g.quantum
+    frames = max(1, round(seconds * g.codec_rate / g.hop / q)) * q
+    push = math.ceil(push_frames / q) * q
+    gen = torch.Generator().manual_seed(0)
+    codes = [torch.randint(0, g.codebook_size, (1, frames // s), generator=gen) for s in g.strides]
+    audio_s = frames * g.hop / g.codec_rate
+    rows, result = [], {}
+    for dev in devices:
+        sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+        paths = {f"{g.target_rate // 1000} kHz decoder": Decoder(base.to(dev).eval())}
+        if codec_cfg is not None:
+            snac = SNAC(**codec_cfg).eval().to(dev)
+            paths[f"SNAC {g.codec_rate // 1000} kHz"] = Decoder(CodecRate(snac, geometry_of(codec_cfg, g.codec_rate)))
+        on_dev = [c.to(dev) for c in codes]
+        offline = {k: [] for k in paths}
+        latency = {k: [] for k in paths}
+
+        def one_stream(dec):
+            s, out = dec.stream(), []
+            for a in range(0, frames, push):
+                part = [c[:, a // st:(a + push) // st] for c, st in zip(on_dev, g.strides)]
+                sync()
+                t = time.perf_counter()
+                y = s.push(part).cpu()
+                dt = time.perf_counter() - t
+                if y.shape[-1]:
+                    out.append(dt)
+                if len(out) == pushes:
+                    break
+            return out
+        with torch.inference_mode():
+            for dec in paths.values():          # warm-up: kernels, allocator, cuDNN's choices
+                dec.decode(on_dev)
+                one_stream(dec)
+            for r in range(rounds):
+                for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+                    dec = paths[name]
+                    sync()
+                    t = time.perf_counter()
+                    dec.decode(on_dev)
+                    sync()
+                    offline[name].append(audio_s / (time.perf_counter() - t))
+                    latency[name] += one_stream(dec)
+        label = f"{dev} ({torch.get_num_threads()} threads)" if dev == "cpu" else torch.cuda.get_device_name(dev)
+        for name, dec in paths.items():
+            lag_ms = dec.lag_seconds * 1000
+            ms = [x * 1000 for x in latency[name]]
+            rows.append((label, name, _spread(offline[name]), f"{push} frames ({push * g.hop / g.codec_rate * 1000:.0f} ms)",
+                         _spread(ms) if ms else "-", f"{lag_ms:.0f} ms ({dec.context[1]} frames)"))
+            result[f"{dev}/{name}"] = {"x_real_time": offline[name], "push_ms": ms, "lag_ms": lag_ms}
+        base.to("cpu")
+    t = Table(title=f"decode: {what}; {audio_s:.1f} s of random codes, batch 1 "
+                    f"(load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end)")
+    for c in ("device", "path", "offline x real time", "push", "push -> audio ms", "lag (right context)"):
+        t.add_column(c, justify="right", no_wrap=True)
+    for row in rows:
+        t.add_row(*row)
+    console.print(t, width=max(console.width, 150))
+    console.print(f"median (min-max): offline over {rounds} rounds, push latency over {rounds} x {pushes} pushes; "
+                  "the lag is the decoder's look-ahead, measured from codes to audio (pipeline/evaluation/stream.py)")
+    return result
