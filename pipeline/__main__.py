@@ -72,6 +72,16 @@ def main(argv=None) -> int:
     c.add_argument("--settings", type=_json, required=True)
     c.add_argument("--device", default="auto", help="auto: CUDA when there is one (not a setting: never a rerun)")
 
+    c = sub.add_parser("make-manifest", help="train.jsonl + heldout.jsonl (+ skipped.jsonl) from a folder of audio")
+    c.add_argument("audio_dir", help="folder scanned recursively for audio files (any format libsndfile reads)")
+    c.add_argument("out_dir", help="where the manifests go (their audio paths are relative to it)")
+    c.add_argument("--speaker-depth", type=int, default=None, metavar="N",
+                   help="the folder level under AUDIO_DIR that names the speaker (1: AUDIO_DIR/<speaker>/...); "
+                        "the held-out split then never shares a speaker with training")
+    c.add_argument("--heldout-fraction", type=float, default=0.05, help="share of the files held out (default 0.05)")
+    c.add_argument("--seed", type=int, default=0, help="which speakers (or files) are held out")
+    c.add_argument("--workers", type=int, default=16, help="threads reading the audio headers")
+
     c = sub.add_parser("precompute-shard", help="encode one shard of a manifest into the zarr cache")
     c.add_argument("--manifest", required=True, nargs="+", help="one or more manifests, in config order")
     c.add_argument("--shard", type=int, required=True)
@@ -150,16 +160,19 @@ def main(argv=None) -> int:
     c.add_argument("--device", default="auto")
     c.add_argument("--chunk-seconds", type=float, default=None, help=CHUNK_HELP)
 
-    c = sub.add_parser("decode", help="decode codes (.npz, one int array per codebook, coarsest first; "
-                                      "(batch, codes) arrays give OUTPUT-0, OUTPUT-1, ...) to audio")
+    c = sub.add_parser("decode", help="decode codes to audio: .npz (one int array per codebook, coarsest first; "
+                                      "(batch, codes) arrays give OUTPUT-0, OUTPUT-1, ...) or an Orpheus token "
+                                      "list (.json: a JSON array of integers; .txt: integers or <custom_token_N> "
+                                      "tokens; 7 tokens a frame, raw or position-offset codes)")
     c.add_argument("--model", required=True)
+    c.add_argument("--lora", default=None, help="a lora_weights.safetensors to apply at inference")
     c.add_argument("codes")
     c.add_argument("output")
     c.add_argument("--device", default="auto")
     c.add_argument("--chunk-seconds", type=float, default=None, help=CHUNK_HELP)
 
     c = sub.add_parser("bench", help="print throughput figures")
-    c.add_argument("what", choices=["precompute", "train", "memory", "dag", "throughput", "precision"])
+    c.add_argument("what", choices=["precompute", "train", "memory", "dag", "decode", "throughput", "precision"])
     c.add_argument("--seconds", type=float, default=20.0, help="precompute: audio seconds per measurement")
     c.add_argument("--cache-hours", type=float, default=1.0,
                    help="train: hours of synthetic cache, built once under results/bench/ and reused")
@@ -174,8 +187,16 @@ def main(argv=None) -> int:
     c.add_argument("--steps", type=int, default=4, help="throughput, precision: optimizer steps per timed window")
     c.add_argument("--rows", type=int, default=100_000, help="dag: manifest lines")
     c.add_argument("--shards", type=int, default=64, help="dag: precompute.shards")
-    c.add_argument("--rounds", type=int, default=3, help="dag: repetitions of each measurement")
+    c.add_argument("--rounds", type=int, default=3, help="dag, decode: repetitions of each measurement")
     c.add_argument("--keep", default=None, help="dag: build the synthetic tree in this folder and keep it")
+    c.add_argument("--model", default=None, help="decode: a model folder or final.pt (default: random weights of "
+                   "--preset's shapes)")
+    c.add_argument("--preset", default="snac_24khz", help="decode: official SNAC shapes to build without weights "
+                   "(snac_24khz, snac_32khz, snac_44khz)")
+    c.add_argument("--clip-seconds", type=float, default=10.0, help="decode: seconds of codes per offline decode")
+    c.add_argument("--push-frames", type=int, default=4, help="decode: finest frames per streaming push")
+    c.add_argument("--device", nargs="+", default=None, help="decode: devices to measure (default: cpu, and cuda "
+                   "where there is one)")
 
     c = sub.add_parser("gpu-check", help="on a CUDA machine: the CUDA tests, the snac_24khz preset end to end "
                        "through Snakemake (a killed phase resumed), bench memory, throughput and precision; one "
@@ -277,6 +298,9 @@ def _run(a) -> int | None:
     elif a.command == "demo-codec":
         from .model.democodec import train_demo_codec
         train_demo_codec(a.manifest, a.out, a.settings, a.device)
+    elif a.command == "make-manifest":
+        from .data.folder import make_manifest
+        make_manifest(a.audio_dir, a.out_dir, a.speaker_depth, a.heldout_fraction, a.seed, a.workers)
     elif a.command == "precompute-shard":
         from .data.precompute import run_shard
         run_shard(a.manifest, a.shard, a.n_shards, a.codec, a.out, a.knobs)
@@ -334,7 +358,7 @@ def _run(a) -> int | None:
         if a.command == "resynth":
             infer.resynth(a.model, a.input, a.output, a.device, a.lora, **chunk)
         else:
-            infer.decode(a.model, a.codes, a.output, a.device, **chunk)
+            infer.decode(a.model, a.codes, a.output, a.device, lora=a.lora, **chunk)
     elif a.command == "gpu-check":
         from .gpucheck import main as gpu_check
         return gpu_check(a.out, a.cpu, a.skip)
@@ -345,6 +369,8 @@ def _run(a) -> int | None:
         from . import bench
         if a.what == "dag":
             bench.dag(a.rows, a.shards, a.rounds, a.keep)
+        elif a.what == "decode":
+            bench.decode(a.model, a.preset, a.clip_seconds, a.rounds, a.push_frames, devices=a.device)
         elif a.what == "train" and a.nproc_per_node:
             bench.processes(a.nproc_per_node)
         elif a.what == "train":

@@ -182,12 +182,14 @@ def train(cache_hours: float = 1.0, workers=(0, 1, 2), segment_seconds: float = 
                   f"{on_disk / 1e9:.1f} GB on disk; segments of {n * geo.hop_target / geo.target_rate:.2f} s, "
                   f"batch {batch_size}")
     fast = C.FAST_READS
-    paths = [(w, r) for w in workers for r in (("zarr-python", "zarrs") if w else ("zarr-python",))]
+    # "zarrs, unchecked": without the per-position chunk checksums, to measure what they cost
+    paths = [(w, r) for w in workers for r in (("zarr-python", "zarrs", "zarrs, unchecked") if w else ("zarr-python",))]
     rates, per_cpu = {p: [] for p in paths}, {p: [] for p in paths}
     for r in range(rounds):                               # rounds alternate between the paths
         for j, (w, reader) in enumerate(paths):
             first = (r * len(paths) + j + 1) * 100_000        # fresh batches: no read repeats another's
-            C.FAST_READS = fast if reader == "zarrs" else None  # as the workers fork
+            C.FAST_READS = fast if reader.startswith("zarrs") else None  # as the workers fork
+            C.CHECK_READS = reader != "zarrs, unchecked"
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(data, range(first, first + batches + max(1, w))), batch_size=None,
                 num_workers=w, prefetch_factor=2 if w else None)
@@ -200,7 +202,7 @@ def train(cache_hours: float = 1.0, workers=(0, 1, 2), segment_seconds: float = 
             rates[w, reader].append(batches * batch_size / (time.perf_counter() - t0))
             per_cpu[w, reader].append(batches * batch_size / (_cpu_seconds(it) - c0))
             del it, loader
-    C.FAST_READS = fast
+    C.FAST_READS, C.CHECK_READS = fast, True
     codec = build_codec(_demo_config(), 0)
     model = from_codec(codec, geo.target_rate).train()
     params = [p for p in model.decoder.parameters()]
@@ -818,3 +820,112 @@ def precision(configfiles=("config/snac_24khz.yaml",), steps: int = 2, rounds: i
     console.print("the default is the fastest precision whose new band stays >= 45 dB SNR against fp32 in every phase "
                   "(pipeline/training/device.py)")
     return rows
+
+
+# -------------------------------------------------------------------------------------- decode
+
+def decode(model_path: str | None = None, preset: str = "snac_24khz", seconds: float = 10.0, rounds: int = 3,
+           push_frames: int = 4, pushes: int = 8, devices=None) -> dict:
+    """bench decode: what a TTS server gets from the 48 kHz decoder, beside SNAC's own decode of the
+    same codes at the codec rate, on the CPU and on the GPU where there is one:
+      offline   x real time of one decode of `seconds` of random codes at batch 1 (audio seconds /
+                wall seconds, synchronized), after a warm-up decode;
+      streaming the time from a push of `push_frames` finest frames (rounded up to whole quanta) to
+                its audio on the host, over `pushes` pushes that return audio (after the first
+                `right context` frames: the lag, printed in ms, that no compute removes).
+    The model: `model_path` (a folder or final.pt), else random weights of the official `preset`'s
+    shapes (pipeline.model.codec.OFFICIAL_CONFIGS: the speed of trained weights). SNAC's side is its
+    decoder with random weights of the same codec config. Rounds alternate the two paths; median
+    and spread (min-max) over rounds (offline) or over every push (streaming)."""
+    import math
+
+    from snac import SNAC
+
+    from .evaluation.decoder import Decoder, open_model
+    from .model.codec import geometry as geometry_of
+    from .model.snac48 import from_codec
+
+    devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    load0 = os.getloadavg()[0]
+    if model_path:
+        base, _ = open_model(model_path, "cpu")
+        what = str(model_path)
+    else:
+        cfg = OFFICIAL_CONFIGS[preset]
+        rate = cfg["sampling_rate"]
+        target = TARGET_RATE if TARGET_RATE % rate == 0 and TARGET_RATE // rate >= 2 else 2 * rate
+        base = from_codec(build_codec(cfg, 0), target)
+        what = f"{preset} shapes, random weights"
+    codec_cfg = getattr(base, "codec_config", None)
+
+    class CodecRate(torch.nn.Module):
+        """SNAC's own decode, with the geometry a stream needs (target rate = codec rate)."""
+        def __init__(self, snac, geo):
+            super().__init__()
+            self.snac, self.geometry = snac, geo
+
+        def decode(self, codes):
+            return self.snac.decode(codes)
+
+    g = base.geometry
+    q = g.quantum
+    frames = max(1, round(seconds * g.codec_rate / g.hop / q)) * q
+    push = math.ceil(push_frames / q) * q
+    gen = torch.Generator().manual_seed(0)
+    codes = [torch.randint(0, g.codebook_size, (1, frames // s), generator=gen) for s in g.strides]
+    audio_s = frames * g.hop / g.codec_rate
+    rows, result = [], {}
+    for dev in devices:
+        sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+        paths = {f"{g.target_rate // 1000} kHz decoder": Decoder(base.to(dev).eval())}
+        if codec_cfg is not None:
+            snac = SNAC(**codec_cfg).eval().to(dev)
+            paths[f"SNAC {g.codec_rate // 1000} kHz"] = Decoder(CodecRate(snac, geometry_of(codec_cfg, g.codec_rate)))
+        on_dev = [c.to(dev) for c in codes]
+        offline = {k: [] for k in paths}
+        latency = {k: [] for k in paths}
+
+        def one_stream(dec):
+            s, out = dec.stream(), []
+            for a in range(0, frames, push):
+                part = [c[:, a // st:(a + push) // st] for c, st in zip(on_dev, g.strides)]
+                sync()
+                t = time.perf_counter()
+                y = s.push(part).cpu()
+                dt = time.perf_counter() - t
+                if y.shape[-1]:
+                    out.append(dt)
+                if len(out) == pushes:
+                    break
+            return out
+        with torch.inference_mode():
+            for dec in paths.values():          # warm-up: kernels, allocator, cuDNN's choices
+                dec.decode(on_dev)
+                one_stream(dec)
+            for r in range(rounds):
+                for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+                    dec = paths[name]
+                    sync()
+                    t = time.perf_counter()
+                    dec.decode(on_dev)
+                    sync()
+                    offline[name].append(audio_s / (time.perf_counter() - t))
+                    latency[name] += one_stream(dec)
+        label = f"{dev} ({torch.get_num_threads()} threads)" if dev == "cpu" else torch.cuda.get_device_name(dev)
+        for name, dec in paths.items():
+            lag_ms = dec.lag_seconds * 1000
+            ms = [x * 1000 for x in latency[name]]
+            rows.append((label, name, _spread(offline[name]), f"{push} frames ({push * g.hop / g.codec_rate * 1000:.0f} ms)",
+                         _spread(ms) if ms else "-", f"{lag_ms:.0f} ms ({dec.context[1]} frames)"))
+            result[f"{dev}/{name}"] = {"x_real_time": offline[name], "push_ms": ms, "lag_ms": lag_ms}
+        base.to("cpu")
+    t = Table(title=f"decode: {what}; {audio_s:.1f} s of random codes, batch 1 "
+                    f"(load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end)")
+    for c in ("device", "path", "offline x real time", "push", "push -> audio ms", "lag (right context)"):
+        t.add_column(c, justify="right", no_wrap=True)
+    for row in rows:
+        t.add_row(*row)
+    console.print(t, width=max(console.width, 150))
+    console.print(f"median (min-max): offline over {rounds} rounds, push latency over {rounds} x {pushes} pushes; "
+                  "the lag is the decoder's look-ahead, measured from codes to audio (pipeline/evaluation/stream.py)")
+    return result

@@ -48,10 +48,11 @@ def reference_parse(paths):
                     reason = "missing `audio`" if audio is None else "`audio` must be a non-empty string"
                 elif not isinstance(uid, str) or not uid:
                     reason = "`id` must be a non-empty string"
-                elif isinstance(ds, bool) or not isinstance(ds, int) or ds < 0:
-                    reason = "`dataset_id` must be a non-negative integer"
-                elif dur is not None and (isinstance(dur, bool) or not isinstance(dur, (int, float))):
-                    reason = "`duration` must be a number"
+                elif isinstance(ds, bool) or not isinstance(ds, int) or not 0 <= ds <= 2**31 - 1:
+                    reason = "`dataset_id` must be an integer in 0..2147483647 (the cache stores int32)"
+                elif dur is not None and (isinstance(dur, bool) or not isinstance(dur, (int, float))
+                                          or not 0 <= dur < float("inf")):
+                    reason = "`duration` must be a finite number >= 0 (seconds)"
                 elif uid in seen:
                     reason = f"duplicate id (first in {seen[uid][0]} line {seen[uid][1]})"
                 else:
@@ -78,6 +79,8 @@ HARD_LINES = [
     b'{"audio": "g3.wav", "dataset_id": 1.0}', b'{"audio": "h.wav", "duration": "1"}',
     b'{"audio": "i.wav", "duration": false}',
     b'{"audio": "j.wav", "dataset_id": 123456789012345678901234567890}',   # orjson: a float
+    b'{"audio": "j1.wav", "dataset_id": 2147483647}', b'{"audio": "j1b.wav", "dataset_id": 2147483648}',
+    b'{"audio": "j3.wav", "duration": -1}', b'{"audio": "j4.wav", "duration": Infinity}',
     b'{"audio": "j2.wav", "duration": 123456789012345678901234567890}',
     b'\xef\xbb\xbf{"audio": "bom.wav"}',
     b'{"audio": "~/k.wav"}', b'{"audio": "/abs/../l.wav", "text": 5}', b'{"audio": "./x/../m.wav"}',
@@ -299,3 +302,31 @@ def test_20k_rows_shard_jobs_take_digests_not_audio_inputs(tmp_path):
                    "--ignore-incomplete", "--mode", "remote", "--dry-run", "--printshellcmds", target=None)
     assert [j["rule"] for j in r.jobs] == ["train"]
     assert "pipeline train --phase warmup" in r.out, r.out[-3000:]
+
+
+# ---- held-out is held out -----------------------------------------------------------------------------
+def test_heldout_overlap_is_refused_naming_five_and_rides_on_the_index_build(tmp_path, monkeypatch):
+    m = write_corpus(tmp_path, 3000)
+    (tmp_path / "held").mkdir()
+    held = tmp_path / "held" / "h.jsonl"
+    rows = [{"audio": f"../audio/u{i:06d}.wav", "id": f"h{i}"} for i in (5, 6, 7)]          # same files
+    rows += [{"audio": f"x{i}.wav", "id": f"u{i:06d}"} for i in (100, 200, 300, 400)]       # same ids
+    rows += [{"audio": "fresh.wav", "id": "fresh"}]
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checked, index = tmp_path / ".snakemake" / "checked", tmp_path / ".snakemake" / "index"
+    parses = []
+    real = M._iter_rows
+    monkeypatch.setattr(M, "_iter_rows", lambda paths, *a: parses.append(paths) or real(paths, *a))
+    import pytest
+    with pytest.raises(ValueError, match=r"^7 held-out utterances are also training utterances \(same id or same "
+                                         r"audio file\): 'h5' \(the audio of training 'u000005'\), 'h6' \(.*\), 'h7' "
+                                         r"\(.*\), 'u000100', 'u000200' \.\.\.; the evaluation would score"):
+        M.check_heldout_disjoint([str(m)], [str(held)], checked, index=(8, index))
+    assert parses.count([str(m)]) == 1                 # the index build's parse, no second one
+    held.write_text(json.dumps(rows[-1]) + "\n")
+    parses.clear()
+    M.check_heldout_disjoint([str(m)], [str(held)], checked, index=(8, index))   # index cached: one parse
+    assert parses.count([str(m)]) == 1 and len(list(checked.glob("disjoint-*"))) == 1
+    parses.clear()
+    M.check_heldout_disjoint([str(m)], [str(held)], checked, index=(8, index))   # remembered: none
+    assert parses.count([str(m)]) == 0

@@ -90,6 +90,12 @@ def test_two_processes_end_where_one_does_and_resume_exactly_after_a_kill(quiet_
     assert len(list((tmp_path / "two/tensorboard").glob("events.*"))) == 1
     for a, b in zip(metric(tmp_path / "one", "val/loss"), metric(tmp_path / "two", "val/loss")):
         assert (a is None) == (b is None) and (a is None or abs(a - b) <= 1e-5 * abs(a))   # split, summed
+    # the logged losses are the whole batch's, not rank 0's share: step 1 (same weights) to float
+    # rounding, later steps as close as the weights are
+    for key in ("train/loss", "train/l1", "train/stft", "train/mel"):
+        a, b = metric(tmp_path / "one", key), metric(tmp_path / "two", key)
+        assert len(a) == 6 and abs(a[0] - b[0]) <= 1e-5 * abs(a[0]), (key, a, b)
+        assert all(abs(x - y) <= 1e-3 * abs(x) for x, y in zip(a, b)), (key, a, b)
 
     # SIGTERM to both processes (as SLURM signals every process of a job): they stop after the same
     # step with one checkpoint; two processes resume from it and end where the uninterrupted run ended
@@ -151,6 +157,33 @@ def test_ranks_agree_on_skipping_a_nonfinite_step(quiet_cache, tmp_path):
     records = [json.loads(l) for l in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 3, 4, 5, 6]        # step 2 skipped
     assert records[-1]["nonfinite_total"] == 1
+
+
+def _mean_terms(rank, port, out):
+    import torch.distributed as dist
+    from pipeline.training.distributed import Group
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # rank r's share: two micro-batches of losses (tensors) and a float term
+        got = Group(rank, 2).mean_terms({"loss": [torch.tensor(1.0 + rank), torch.tensor(3.0 + rank)],
+                                         "l1": 0.5 * rank})
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(got))
+
+
+def test_logged_losses_are_the_whole_batchs(tmp_path):
+    """Before: train/loss (and every train/* term) was rank 0's share of the batch only (step 61:
+    3.6733 logged vs 3.9487 over the whole batch). mean_terms averages each term over the
+    micro-batches, then over ranks, in one all_reduce; the 1-process run's logged losses equal
+    the 2-process run's (test_two_processes_end_where_one_does_...)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    join(mp.start_processes(_mean_terms, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"))
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"loss": 2.5, "l1": 0.25}          # (mean(1, 3) + mean(2, 4)) / 2, (0 + 0.5) / 2
 
 
 def test_launch_commands():

@@ -6,6 +6,12 @@ validation and the inference CLIs (`resynth`, `decode`); the DAG (a shard folder
 run is rebuilt, a manifest that does not exist, the interpreter in a path with a space), on the
 demo built once per session (the `built` fixture) and copies of it. The rows about checkpoints,
 preemption and a killed Snakemake are in tests/test_trainer_runs.py and tests/test_workflow.py.
+Issue 18's table is the last section: a valid chunk moved from another shard, a shard folder
+restored from an older build, held-out utterances that are training ones, a FIFO in a manifest,
+a dataset_id beyond int32, a step checkpoint without a part, a partial last line of metrics.jsonl,
+a held-out clip shorter than ViSQOL's patch; its row about the logged losses of several processes
+is tests/test_distributed.py's test_logged_losses_are_the_whole_batchs (and the 1 vs 2 processes
+test's assertions on train/*).
 """
 from __future__ import annotations
 
@@ -415,3 +421,190 @@ def test_interpreter_in_a_path_with_a_space_runs_every_rule(spaced_python, tmp_p
     assert len(shells) == len(jobs)
     quoted = f"'{spaced_python}' -m pipeline "
     assert all(quoted in s for s in shells), [s for s in shells if quoted not in s][:2]
+
+
+# ==== issue 18: the cache verified where it is read, and the last hostile inputs ===================
+# One test per fault of the issue, each reproducing it as a user meets it. The row about the logged
+# train/loss of several processes is test_distributed.py's test_logged_losses_are_the_whole_batchs.
+def test_valid_chunk_moved_from_another_shard_fails_the_first_read(cache):
+    """Before: `cp shard-001.zarr/audio/c/0 shard-000.zarr/audio/c/0` passed the chunk's own crc32c
+    and a phase with preload: false trained on audio that did not match its codes (only
+    `cache-info --check` saw it). Now each audio chunk's decoded content is checked against the
+    checksum recorded for its position, on every read path."""
+    dst, src = cache / "shard-000.zarr", cache / "shard-001.zarr"
+    shutil.copy2(src / "audio" / "c" / "0", dst / "audio" / "c" / "0")
+    sh = open_training_cache([dst, src], None, preload=False)[0]     # opening stats files only
+    first = sh.ids[0]
+    where = f"{dst}: utterance '{first}': audio chunk 0"
+    with pytest.raises(C.CacheError, match=where):
+        sh.segment(0, 0, sh.geometry.quantum)                        # a training read
+    loader = torch.utils.data.DataLoader(_Reads(sh), batch_size=None, num_workers=1)
+    with pytest.raises(C.CacheError, match=where):
+        next(iter(loader))                                           # in a loader worker (zarrs)
+    with pytest.raises(C.CacheError, match=f"{dst}: utterance '{first}'"):
+        sh.utterance(0)                                              # an evaluation read
+    with pytest.raises(C.CacheError, match=f"{dst}: utterance '{first}'"):
+        open_training_cache([dst, src], None, preload=True)          # a preloaded cache
+
+
+def _restore(backup: Path, dest: Path) -> None:
+    shutil.rmtree(dest)
+    subprocess.run(["cp", "-a", str(backup), str(dest)], check=True)
+
+
+def test_shard_folder_restored_from_an_older_build_is_rebuilt(built, tmp_path):
+    """Before: a row's dataset_id changed, its shard rebuilt, then the old shard folder put back
+    with `cp -a`: Snakemake's records said the shard was current, so `-n` reran only what reads it,
+    and training read the stale shard. Now each shard records the digest of the rows it was built
+    from; one that does not match the manifest's rows is rebuilt, with a warning naming it."""
+    from pipeline.data.manifest import parse_manifest, shard_of
+    root = clone_tree(built[0], tmp_path / "copy")
+    manifest = root / "data/demo/manifest.jsonl"
+    row = parse_manifest(manifest).rows[6]
+    shard = f"results/cache/shard-{shard_of(row.id, N_SHARDS):03d}.zarr"
+    subprocess.run(["cp", "-a", str(root / shard), str(tmp_path / "backup.zarr")], check=True)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    lines[6]["dataset_id"] = lines[6].get("dataset_id", 0) + 3
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    r = snakemake(root, [shard], timeout=600)                        # the shard rebuilt alone
+    assert r.rc == 0 and [j["rule"] for j in r.jobs] == ["precompute_shard"], r.out[-3000:]
+    _restore(tmp_path / "backup.zarr", root / shard)
+    # and another shard as an older version of the pipeline wrote it: no record of its rows
+    old = next(f"results/cache/shard-{k:03d}.zarr" for k in range(N_SHARDS) if f"shard-{k:03d}" not in shard)
+    meta = json.loads((root / old / "zarr.json").read_text())
+    del meta["attributes"]["rows"]
+    (root / old / "zarr.json").write_text(json.dumps(meta))
+
+    r = dry_run(root)
+    out = " ".join(r.out.split())
+    assert f"{shard} was built from other manifest rows than the current ones" in out, r.out[-3000:]
+    assert f"{old} has no record of the manifest rows it was built from" in out, r.out[-3000:]
+    jobs = {j["output"]: j["reason"] for j in r.jobs if j["rule"] == "precompute_shard"}
+    assert jobs == {shard: "Forced execution", old: "Forced execution"}, r.out[-3000:]
+    assert {("train", "phase=warmup"), ("evaluate", "")} <= set(r.keys())
+
+
+def test_heldout_utterances_in_the_training_manifests_are_refused_at_parse_time(code_tree, tmp_path):
+    """Before: a held-out manifest holding three training utterances ran to the end with no word,
+    and the evaluation scored the model on what it trained on. Now the DAG is refused before any
+    job, naming them: same id, or the same audio file written another way."""
+    d = tmp_path / "corpus"
+    (d / "held").mkdir(parents=True)
+    rows = [{"audio": f"a{i}.wav", "id": f"utt{i}"} for i in range(8)]
+    write_manifest(d / "train.jsonl", rows)
+    write_manifest(d / "held" / "heldout.jsonl", [
+        {"audio": "../a1.wav", "id": "utt1"},                       # same id, same file
+        {"audio": "h0.wav", "id": "utt4"},                          # same id
+        {"audio": "../sub/../a6.wav", "id": "other"},               # same file
+        {"audio": "h1.wav", "id": "h1"}])
+    (code_tree / "overlap.yaml").write_text(f"manifest: {d / 'train.jsonl'}\nheldout_manifest: {d / 'held/heldout.jsonl'}\n")
+    r = snakemake(code_tree, configfiles=("fast.yaml", "overlap.yaml"), extra=("-n",))
+    out = " ".join(r.out.split())
+    assert r.rc != 0 and not r.jobs, out[-3000:]
+    assert "3 held-out utterances are also training utterances (same id or same audio file): " \
+           "'utt1', 'utt4', 'other'" in out, out[-3000:]
+
+
+def _no_hang(fn, fifo: Path, seconds: float = 60.0):
+    """fn() in a thread; if it is still blocked on the FIFO after `seconds`, unblock it by opening
+    the writing end, and fail."""
+    import threading
+    box = {}
+    th = threading.Thread(target=lambda: box.update(out=fn()), daemon=True)
+    th.start()
+    th.join(seconds)
+    if th.is_alive():
+        with open(fifo, "wb"):
+            pass
+        th.join(30)
+        pytest.fail(f"blocked on the FIFO {fifo} for {seconds} s")
+    return box["out"]
+
+
+@pytest.fixture
+def fifo_manifest(tmp_path):
+    write_audio(tmp_path / "ok.wav", speechlike(0.8, 48000, seed=3), 48000)
+    os.mkfifo(tmp_path / "pipe.wav")
+    return write_manifest(tmp_path / "m.jsonl", [{"audio": "ok.wav", "id": "ok"}, {"audio": "pipe.wav", "id": "pipe"}])
+
+
+def test_fifo_in_a_manifest_is_rejected_without_being_opened(fifo_manifest, tiny_codec_dir, tmp_path):
+    """Before: the shard job (and demo_codec before it) hung forever opening the FIFO, with no
+    output. Now anything but a regular file is a reject with its reason, never opened."""
+    from pipeline.data import audio as A
+    from pipeline.model.democodec import load_corpus
+    fifo = tmp_path / "pipe.wav"
+    stats = _no_hang(lambda: run_shard(fifo_manifest, 0, 1, tiny_codec_dir, tmp_path / "s.zarr"), fifo)
+    assert stats["accepted"] == 1 and stats["rejected"] == 1
+    assert C.Shard(tmp_path / "s.zarr").rejects[0]["reason"] == "not a regular file (a FIFO)"
+    assert len(_no_hang(lambda: load_corpus(fifo_manifest, 24000), fifo)) == 1
+    with pytest.raises(A.AudioError, match=r"not a regular file \(a character device\)"):
+        A.read_mono("/dev/zero")
+
+
+def test_dataset_id_beyond_the_caches_range_is_rejected_at_parse_time(tiny_codec_dir, tmp_path):
+    """Before: `dataset_id: 2**40` passed validation and the shard job crashed with an
+    OverflowError after it had encoded the whole shard. Now the line is a reject, with the range."""
+    from pipeline.data.manifest import parse_manifest
+    write_audio(tmp_path / "a.wav", speechlike(0.8, 48000, seed=3), 48000)
+    m = write_manifest(tmp_path / "m.jsonl", [{"audio": "a.wav", "id": "ok", "dataset_id": 2**31 - 1},
+                                             {"audio": "a.wav", "id": "big", "dataset_id": 2**40}])
+    parsed = parse_manifest(m)
+    assert [r.id for r in parsed.rows] == ["ok"]
+    assert parsed.rejects == [{"manifest": str(m), "line": 2, "id": "big", "audio": "a.wav",
+                               "reason": "`dataset_id` must be an integer in 0..2147483647 (the cache stores int32)"}]
+    stats = run_shard(m, 0, 1, tiny_codec_dir, tmp_path / "s.zarr")
+    assert stats["accepted"] == 1 and C.Shard(tmp_path / "s.zarr").table["dataset_id"].tolist() == [2**31 - 1]
+
+
+@pytest.mark.parametrize("part", ["optimizer.pt", "scheduler.pt", "rng.pt"])
+def test_step_checkpoint_without_a_part_falls_back_to_the_one_before(tmp_path, capsys, part):
+    """Before: a step checkpoint without optimizer.pt gave `KeyError: 'optimizer'` on every rerun.
+    Now a checkpoint missing a part a resume needs is skipped like a truncated one."""
+    from pipeline.training import checkpoint
+    parts = {"optimizer": {"state": {}}, "scheduler": {"last_epoch": 1}, "rng": {"torch": torch.get_rng_state()}}
+    for step in (2, 4):
+        checkpoint.save(tmp_path, step, {"w": torch.ones(2) * step}, parts, {"run": "r", "step": step})
+    (tmp_path / "step_0000004" / part).unlink()
+    ck = checkpoint.newest_readable(tmp_path, "r")
+    assert ck.state["step"] == 2 and set(ck.parts) == {"optimizer", "scheduler", "rng"}
+    assert squash(f"skipping checkpoint {tmp_path / 'step_0000004'}: it does not read") in squash(capsys.readouterr().out)
+
+
+def test_partial_last_line_of_metrics_is_dropped_and_the_resume_goes_on(tmp_path, capsys):
+    """Before: a kill mid-write left a partial last line in metrics.jsonl and every resume failed
+    with `Expecting ',' delimiter`, naming no file. Now the line is dropped with a warning naming
+    the file."""
+    from pipeline.training.train import truncate_metrics
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (2, 4, 6)) + '{"step": 8, "tr')
+    truncate_metrics(path, 4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    assert squash(f"{path}: line 4 is not JSON") in squash(capsys.readouterr().out)
+
+
+def test_heldout_clip_shorter_than_visqols_patch_is_scored_on_what_applies(tiny_codec_dir, tmp_path, monkeypatch):
+    """Before: a 0.1-0.2 s held-out clip (min_seconds: 0.05) stopped `evaluate` after every phase
+    had trained (`Reference spectrum size (7) smaller than minimum patch size (45)`), naming no
+    utterance, and left a .tmp file. Now ViSQOL is missing for that clip (null, and counted in
+    eval.json), the other metrics are scored, and a failed evaluation leaves no .tmp behind."""
+    from pipeline.evaluation import evaluate as E
+    write_audio(tmp_path / "long.wav", speechlike(1.2, 48000, seed=4), 48000)
+    write_audio(tmp_path / "short.wav", speechlike(0.15, 48000, seed=5), 48000)
+    m = write_manifest(tmp_path / "held.jsonl", [{"audio": "long.wav", "id": "long"}, {"audio": "short.wav", "id": "short"}])
+    run_shard(m, 0, 1, tiny_codec_dir, tmp_path / "held/shard-000.zarr", {"min_seconds": 0.05})
+    out = tmp_path / "out" / "eval.json"
+    r = E.evaluate(tiny_codec_dir, [tmp_path / "held/shard-000.zarr"], {}, out, {"n_ffts": [256, 512], "bootstrap": 100})
+    rows = {row["id"]: row for row in map(json.loads, (tmp_path / "out/eval_utterances.jsonl").read_text().splitlines())}
+    assert rows["short"]["visqol"] is None and rows["long"]["visqol"] is not None
+    assert all(rows["short"][k] is not None for k in ("lsd_db", "mel_l1", "si_sdr_db"))
+    assert r["missing"] == {"baseline": {"visqol": 1}} and r["models"]["baseline"]["visqol"] == round(rows["long"]["visqol"], 4)
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+    def broken(*a, **k):
+        raise RuntimeError("a metric failed")
+    monkeypatch.setattr(E, "evaluate_pair", broken)
+    with pytest.raises(RuntimeError, match="a metric failed"):
+        E.evaluate(tiny_codec_dir, [tmp_path / "held/shard-000.zarr"], {}, tmp_path / "out2/eval.json",
+                   {"n_ffts": [256, 512], "bootstrap": 100})
+    assert not list((tmp_path / "out2").glob("*.tmp"))

@@ -85,6 +85,25 @@ def test_every_clip_cached_once_with_consistent_table(good_cache, tiny_codec_dir
         assert [len(c) for c in codes] == [frames // 4, frames // 2, frames]
 
 
+def test_each_shard_records_its_rows_and_the_summary_refuses_other_rows(good_cache, tmp_path):
+    """The rows record is the digest the Snakefile gives the shard job (ShardIndex), so the two can
+    be compared; a shard whose rows are not the manifest's (a backup put back) is refused."""
+    from pipeline.data.manifest import ShardIndex, shard_record
+    d, m, _ = good_cache
+    index = ShardIndex.load([str(m)], 2)
+    for k in range(2):
+        assert C.Shard(d / f"shard-{k:03d}.zarr").rows == shard_record(d / f"shard-{k:03d}.zarr")["rows"] \
+            == index.rows_digest(k)
+    edited = d / "m-edited.jsonl"         # beside it: the audio paths resolve the same
+    lines = m.read_text().splitlines()
+    lines[3] = lines[3].replace('"dataset_id": 1', '"dataset_id": 4')
+    edited.write_text("\n".join(lines) + "\n")
+    k = [i for i in range(2) if ShardIndex.load([str(edited)], 2).rows_digest(i) != index.rows_digest(i)]
+    assert len(k) == 1
+    with pytest.raises(RuntimeError, match=f"shard-{k[0]:03d}.zarr was built from other manifest rows than the current"):
+        summarize(edited, [d / "shard-000.zarr", d / "shard-001.zarr"], tmp_path / "out")
+
+
 def test_alignment_slicing_reencoding_decoding(good_cache, tiny_codec_dir):
     d, _, _ = good_cache
     codec = load_codec(tiny_codec_dir)

@@ -446,6 +446,25 @@ def test_final_pt_merges_the_named_adapter_or_none(built):
 
 
 # ---- the report (issue 11.4) ----------------------------------------------------------------
+def test_the_main_command_builds_the_report_items(tmp_path):
+    """`snakemake --report` needs every item marked report() to exist; after the README's main
+    command (target final.pt) they did not (`evaluation.html marked for report but does not
+    exist`): they came from rule all only. Now final.pt's DAG has the report job, every item
+    among its outputs. (test_snakemake_report_opens_in_a_browser runs --report on a built tree.)"""
+    root = make_tree(tmp_path / "tree")
+    r = dry_run(root, ["results/phase11/final.pt"])
+    jobs = [j for j in r.jobs if j["rule"] == "report_items"]
+    assert len(jobs) == 1, r.rules()
+    outputs = set(jobs[0]["output"].split(", "))
+    import yaml
+    schema = yaml.safe_load((root / "workflow/schemas/config.schema.yaml").read_text())
+    clips = merged_config(root)["eval"].get("report_clips",
+                                            schema["properties"]["eval"]["properties"]["report_clips"]["default"])
+    items = {"results/report/evaluation.html"} | {f"results/report/clip-{k:02d}.html" for k in range(clips)}
+    items |= {f"results/report/curves-{p.replace('/', '-')}.png" for p in PHASE_DIRS}
+    assert outputs == items, outputs ^ items
+
+
 def test_snakemake_report_opens_in_a_browser(built, tmp_path):
     """`snakemake --report` gives one self-contained page; in a real headless Chromium, after the
     report's JavaScript has rendered: the evaluation table, every phase's curves, and listening

@@ -5,6 +5,7 @@ Every failure raises `AudioError` whose message is the reject reason written to 
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 import soundfile as sf
@@ -15,13 +16,31 @@ class AudioError(Exception):
     """A reason an utterance cannot be used; the message is user-facing."""
 
 
-def read_mono(path) -> tuple[np.ndarray, int]:
-    """Read any libsndfile format, mix to mono float32; reject unusable content."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular(path: str) -> None:
+    """Raise AudioError unless `path` is a regular file (after symlinks), without opening it:
+    opening a FIFO blocks until someone writes to it, and a device may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise AudioError("missing file") from None
+    except (OSError, ValueError) as e:          # ValueError: a NUL in the path
+        raise AudioError(f"cannot stat the file: {getattr(e, 'strerror', None) or e}") from None
+    if stat.S_ISDIR(mode):
         raise AudioError("is a directory, not an audio file")
-    if not os.path.exists(path):
-        raise AudioError("missing file")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), f"mode {stat.filemode(mode)}")
+        raise AudioError(f"not a regular file ({kind})")
+
+
+def read_mono(path) -> tuple[np.ndarray, int]:
+    """Read any libsndfile format, mix to mono float32; reject unusable content. Anything but a
+    regular file is rejected before it is opened."""
+    path = os.fspath(path)
+    check_regular(path)
     try:
         x, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile errors come in several types

@@ -32,8 +32,11 @@ from typing import NamedTuple
 
 import orjson
 
-INDEX_FORMAT = 1     # bump when what the index holds or how its digests are computed changes
+INDEX_FORMAT = 2     # bump when what the index holds or how its digests are computed changes (2: range checks)
 INDEX_KEEP = 4       # newest cache entries kept (one per manifest version or shard count)
+# what the cache stores (pipeline/data/cache.py TABLE): dataset_id int32, source (manifest index) int16
+DATASET_ID_MAX = 2**31 - 1
+MAX_MANIFESTS = 2**15
 
 
 class Row(NamedTuple):   # a NamedTuple: a million of them are built at parse time (3x faster than a frozen dataclass)
@@ -47,6 +50,7 @@ class Row(NamedTuple):   # a NamedTuple: a million of them are built at parse ti
 
 
 _new_row = tuple.__new__     # Row(...) without the Python-level __new__ that handles defaults
+_INF = float("inf")
 
 
 @dataclass
@@ -92,6 +96,8 @@ def _no_gc():
 
 def _iter_rows(paths: list, datas: list, parsed: Parsed):
     """Yields the rows; counts lines and blank lines and collects the rejects into `parsed`."""
+    if len(paths) > MAX_MANIFESTS:
+        raise ValueError(f"{len(paths)} manifests: the cache records a row's manifest as int16, at most {MAX_MANIFESTS}")
     seen = {}         # id -> source << 40 | line of its first row
     for source, (path, data) in enumerate(zip(paths, datas)):
         resolve = _Resolver(os.path.dirname(path))
@@ -153,10 +159,10 @@ def _parse_line(raw: bytes, n: int, resolve, source: int = 0):
         reason = "missing `audio`" if audio is None else "`audio` must be a non-empty string"
     elif not isinstance(uid, str) or not uid:
         reason = "`id` must be a non-empty string"
-    elif type(ds) is not int or ds < 0:
-        reason = "`dataset_id` must be a non-negative integer"
+    elif type(ds) is not int or not 0 <= ds <= DATASET_ID_MAX:
+        reason = f"`dataset_id` must be an integer in 0..{DATASET_ID_MAX} (the cache stores int32)"
     else:
-        reason = "`duration` must be a number"
+        reason = "`duration` must be a finite number >= 0 (seconds)"
     return None, reason, _extra(obj)
 
 
@@ -169,8 +175,9 @@ def _row(obj, n: int, resolve, source: int):
     ds = obj.get("dataset_id", 0)
     duration = obj.get("duration")
     if (audio.__class__ is not str or not audio.strip() or uid.__class__ is not str or not uid
-            or ds.__class__ is not int or ds < 0
-            or (duration is not None and duration.__class__ is not float and duration.__class__ is not int)):
+            or ds.__class__ is not int or ds < 0 or ds > DATASET_ID_MAX
+            or (duration is not None and ((duration.__class__ is not float and duration.__class__ is not int)
+                                          or not 0 <= duration < _INF))):       # NaN fails too
         return None
     text = obj.get("text")
     return _new_row(Row, (n, uid, resolve(audio), ds, text if text.__class__ is str else None, duration, source))
@@ -325,9 +332,9 @@ class ShardIndex:
         return h.hexdigest()
 
     @classmethod
-    def build(cls, paths: list, datas: list, n_shards: int, key: str | None = None) -> "ShardIndex":
+    def build(cls, paths: list, datas: list, n_shards: int, key: str | None = None, probe=None) -> "ShardIndex":
         """One pass, no Row kept: per shard a running digest (rows_digest's, fed row by row) and
-        the audio paths."""
+        the audio paths. `probe` (a HeldoutProbe) sees every row in the same pass."""
         hashers = [hashlib.sha256() for _ in range(n_shards)]
         audio = [[] for _ in range(n_shards)]
         with _no_gc():
@@ -335,11 +342,16 @@ class ShardIndex:
                 k = shard_of(r.id, n_shards)
                 hashers[k].update(_row_bytes(r))
                 audio[k].append(r.audio)
+                if probe is not None:
+                    probe(r)
+        if probe is not None:
+            probe.done = True
         return cls(key or cls.key_of(paths, datas, n_shards), [h.hexdigest()[:16] for h in hashers],
                    [len(a) for a in audio], paths=audio)
 
     @classmethod
-    def load(cls, manifests, n_shards: int, cache_dir=None) -> "ShardIndex":
+    def load(cls, manifests, n_shards: int, cache_dir=None, probe=None) -> "ShardIndex":
+        """`probe`: see `build`; it runs only when the index is built, not loaded from the cache."""
         paths = as_paths(manifests)
         datas = [_read(p) for p in paths]
         key = cls.key_of(paths, datas, n_shards)
@@ -354,7 +366,7 @@ class ShardIndex:
                 pass
             except (OSError, ValueError, KeyError, TypeError):     # damaged: rebuilt below
                 shutil.rmtree(folder, ignore_errors=True)
-        index = cls.build(paths, datas, n_shards, key)
+        index = cls.build(paths, datas, n_shards, key, probe)
         if cache_dir is not None:
             index._save(os.fspath(cache_dir), paths)
         return index
@@ -391,3 +403,89 @@ def _prune(cache_dir: str, keep: str) -> None:
     done = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.stat().st_mtime, reverse=True)
     for e in stale + [e for e in done[INDEX_KEEP:] if e.name != keep]:
         shutil.rmtree(e.path, ignore_errors=True)
+
+
+# ---- what a built shard records, read without zarr (parse time) -----------------------------------
+def shard_record(shard_dir) -> dict | None:
+    """The attributes of a shard folder's zarr.json (format, rows it was built from), or None when
+    it has no readable zarr.json (not a shard: the workflow and training report that otherwise).
+    One file read and parsed with orjson: about a millisecond for 15,000 ids."""
+    try:
+        with open(os.path.join(os.fspath(shard_dir), "zarr.json"), "rb") as f:
+            meta = orjson.loads(f.read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    return attrs if isinstance(attrs, dict) else {}
+
+
+# ---- held-out is held out ---------------------------------------------------------------------------
+class HeldoutProbe:
+    """Sees training rows one by one and remembers those that are also held-out rows: the same id,
+    or the same audio file (paths resolved against their manifests' folders, then made absolute;
+    symlinks are not followed). Give it to ShardIndex.build to ride on the index's own parse."""
+
+    def __init__(self, heldout):
+        held = parse_manifest(heldout).rows
+        self.order = [r.id for r in held]
+        self.ids = set(self.order)
+        self.files = {}
+        for r in held:
+            self.files.setdefault(os.path.abspath(r.audio), r.id)
+        self.names = {p[p.rfind("/") + 1:] for p in self.files}
+        self.hits, self.done = {}, False
+
+    def __call__(self, r: Row) -> None:
+        if r.id in self.ids:
+            self.hits.setdefault(r.id, f"id {r.id!r}")
+        a = r.audio
+        if a[a.rfind("/") + 1:] in self.names:            # a cheap filter before abspath
+            h = self.files.get(os.path.abspath(a))
+            if h is not None:
+                self.hits.setdefault(h, f"the audio of training {r.id!r}")
+
+    def result(self) -> tuple[int, list]:
+        """(how many held-out rows are also training rows, the first five as [(id, how)])."""
+        both = [uid for uid in self.order if uid in self.hits]
+        return len(both), [(uid, self.hits[uid]) for uid in both[:5]]
+
+
+def check_heldout_disjoint(train, heldout, cache_dir=None, index=None) -> None:
+    """Raise ValueError naming up to five held-out utterances that are also training ones. A pass
+    is remembered under cache_dir, keyed by the manifests' paths and bytes and the working folder
+    (relative paths resolve against it). `index`: (n_shards, index cache folder) of the training
+    split: when its ShardIndex has to be built anyway (a manifest edited), the check rides on
+    that one parse; otherwise the training manifests are parsed for it (once per version)."""
+    train, heldout = as_paths(train), as_paths(heldout)
+    marker = None
+    if cache_dir is not None:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"disjoint {INDEX_FORMAT}\0{os.getcwd()}\0{len(train)}\0".encode("utf-8", "surrogatepass"))
+        for p in train + heldout:
+            h.update(f"{p}\0".encode("utf-8", "surrogatepass"))
+            h.update(_read(p))
+        marker = os.path.join(os.fspath(cache_dir), f"disjoint-{h.hexdigest()}")
+        if os.path.exists(marker):
+            return
+    probe = HeldoutProbe(heldout)
+    if index is not None:
+        ShardIndex.load(train, index[0], index[1], probe=probe)
+    if not probe.done:
+        paths = train
+        with _no_gc():
+            for r in _iter_rows(paths, [_read(p) for p in paths], Parsed([], [], 0, 0)):
+                probe(r)
+    n, first = probe.result()
+    if n:
+        what = "utterance is also a training utterance" if n == 1 else "utterances are also training utterances"
+        raise ValueError(
+            f"{n} held-out {what} (same id or same audio file): "
+            + ", ".join(f"{uid!r}" + ("" if how.startswith("id ") else f" ({how})") for uid, how in first)
+            + (" ..." if n > 5 else "") + f"; the evaluation would score the model on what it trained on: remove "
+            f"them from {', '.join(heldout)} or from {', '.join(train)}")
+    if marker is not None:
+        try:
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            open(marker, "w").close()
+        except OSError:
+            pass

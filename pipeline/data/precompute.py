@@ -34,7 +34,7 @@ import torch
 from . import audio as A
 from .cache import CACHE_FORMAT, ShardLock, ShardWriter, Shard, dump_json
 from ..model.codec import fingerprint, geometry, load_codec, pick_device
-from .manifest import as_paths, parse_manifest, shard_rows
+from .manifest import as_paths, parse_manifest, rows_digest, shard_rows
 from ..ui import console, progress
 
 from ..settings import PRECOMPUTE_DEFAULTS as DEFAULTS
@@ -144,12 +144,13 @@ def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dic
     t0 = time.time()
     lock, writer = ShardLock(out), None    # first: a second writer of this shard fails at once
     try:
+        rows = shard_rows(parse_manifest(manifests).rows, n_shards)[shard]
         device = pick_device(s["device"])
         codec = load_codec(codec_dir, device)
         geo = geometry(codec, s["target_rate"])
         fp = fingerprint(codec, s["target_rate"], CACHE_FORMAT)
-        writer = ShardWriter(out, fp, silence_codes(codec, geo, device), shard, n_shards, lock)
-        stats = _fill(writer, codec, geo, manifests, shard, n_shards, s, device, t0)
+        writer = ShardWriter(out, fp, silence_codes(codec, geo, device), shard, n_shards, lock, rows=rows_digest(rows))
+        stats = _fill(writer, codec, geo, manifests, rows, shard, s, device, t0)
     except BaseException:
         writer.abort() if writer else lock.release()
         raise
@@ -159,8 +160,7 @@ def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dic
     return stats
 
 
-def _fill(writer, codec, geo, manifests, shard, n_shards, s, device, t0) -> dict:
-    rows = shard_rows(parse_manifest(manifests).rows, n_shards)[shard]
+def _fill(writer, codec, geo, manifests, rows, shard, s, device, t0) -> dict:
     clock = dict.fromkeys(STAGES, 0.0)
     prep = Preparer(geo, s, clock)
     rejects, window, stats = [], [], {"rows": len(rows), "accepted": 0, "rejected": 0,
@@ -217,9 +217,14 @@ def summarize(manifest, shard_dirs, out_dir) -> dict:
     manifests = as_paths(manifest)
     parsed = parse_manifest(manifests)
     rejects = list(parsed.rejects)
-    accepted, seconds, per_shard, seen = 0, 0.0, [], {}
+    accepted, seconds, per_shard, seen, split = 0, 0.0, [], {}, {}
     for p in shard_dirs:
         sh = Shard(p)
+        if sh.count not in split:
+            split[sh.count] = [rows_digest(r) for r in shard_rows(parsed.rows, sh.count)]
+        if sh.rows != split[sh.count][sh.index]:
+            raise RuntimeError(f"{p} was built from other manifest rows than the current ones (restored from a "
+                               "backup, or copied from another tree?): delete it and rerun to rebuild it")
         rejects += sh.rejects
         for uid in sh.ids:
             if uid in seen:

@@ -4,8 +4,9 @@ Each chunk keeps `chunk` finest frames and sees `context` more on each side, all
 `geo.quantum` (whole codes of the coarsest codebook, whole windows of SNAC's local attention), so
 every chunk is processed exactly as its part of the whole file would be. The context is the
 model's own reach, measured once per model (two forward passes): how many finest frames on either
-side a change to one quantum block moves the output (encoder: audio -> latents; decoder: latents -> audio;
-the quantizer works within quantum blocks). With that context a chunk's kept part equals the
+side a change to one quantum block moves the output (encoder: audio -> latents, the quantizer
+working within quantum blocks; decoder: codes -> audio, `codes_reach`, which also gives streaming
+its left and right context separately). With that context a chunk's kept part equals the
 whole-file result up to float rounding (tests/test_infer.py measures it), so nothing is
 cross-faded and the seams are not audible; only SNAC's noise blocks, random by design, differ
 from one run to the next as they always do.
@@ -43,18 +44,56 @@ def reach(fn, channels: int, per_frame: int, quantum: int, device, floor: float 
     output, counting output samples changed by more than `floor` times the largest change. `fn`
     maps (B, channels, frames * per_frame) to a sequence with a whole number of samples per frame.
     Two forward passes in one batch: no autograd graph, so cheap even for snac_24khz."""
-    frames, g = 8 * quantum, torch.Generator().manual_seed(0)
-    while frames <= 1024 * quantum:
+    def probe(frames, m, g):
         x = torch.randn(1, channels, frames * per_frame, generator=g)
-        m = frames // 2 // quantum * quantum
         moved = x.clone()
         moved[..., m * per_frame:(m + quantum) * per_frame] += torch.randn(channels, quantum * per_frame, generator=g)
-        y = fn(torch.cat([x, moved]).to(device)).float().cpu()
+        return fn(torch.cat([x, moved]).to(device))
+    return max(_sides(probe, quantum, floor))
+
+
+@torch.inference_mode()
+def codes_reach(model, floor: float = 1e-6) -> tuple[int, int]:
+    """(left, right): finest frames of codes before and after an output frame that its audio
+    depends on, each rounded up to whole quanta, measured from codes to audio through
+    `model.decode` (noise off) as `reach` measures: new random codes in one aligned quantum block
+    of random codes, and how far before the block (right context: what the decoder looks ahead)
+    and after it (left context: what it looks back) the audio moves. Needs only model.geometry
+    and model.decode, so it holds for any codec family (causal decoders: right context 0)."""
+    geo = model.geometry
+    device = next(model.parameters()).device
+    size, q = geo.codebook_size, geo.quantum
+
+    def probe(frames, m, g):
+        codes, moved = [], []
+        for s in geo.strides:
+            c = torch.randint(0, size, (1, frames // s), generator=g)
+            d = c.clone()
+            d[:, m // s:(m + q) // s] = (d[:, m // s:(m + q) // s]
+                                        + torch.randint(1, size, (1, q // s), generator=g)) % size
+            codes.append(c)
+            moved.append(d)
+        return model.decode([torch.cat(pair).to(device) for pair in zip(codes, moved)])
+    with noise_disabled(model):
+        after, before = _sides(probe, q, floor)
+    return after, before
+
+
+def _sides(probe, quantum: int, floor: float) -> tuple[int, int]:
+    """(after, before): how many finest frames after and before a changed quantum block the output
+    moves by more than `floor` times its largest change, rounded up to quanta. `probe(frames, m,
+    generator)` returns the outputs (2, C, frames * samples_per_frame) of an input and of the same
+    input changed in frames [m, m + quantum); the input doubles until the change stays inside it."""
+    frames, g = 8 * quantum, torch.Generator().manual_seed(0)
+    while frames <= 1024 * quantum:
+        m = frames // 2 // quantum * quantum
+        y = probe(frames, m, g).float().cpu()
         d = (y[0] - y[1]).abs().amax(0)
         hit = torch.nonzero(d > floor * d.max()).flatten() // (y.shape[-1] // frames)
         lo, hi = int(hit.min()), int(hit.max())
         if lo > 0 and hi < frames - 1:
-            return math.ceil(max(m - lo, hi - (m + quantum - 1), 0) / quantum) * quantum
+            up = lambda n: math.ceil(max(n, 0) / quantum) * quantum
+            return up(hi - (m + quantum - 1)), up(m - lo)
         frames *= 2                     # the change reached the edges: measure on a longer input
     raise RuntimeError(f"the model's receptive field exceeds {frames // 2} frames; cannot chunk it")
 
@@ -72,9 +111,9 @@ class Chunker:
         self.chunk = max(1, round(chunk_seconds * g.codec_rate / g.hop / q)) * q
         if context is None:
             dev = next(model.parameters()).device
-            with noise_disabled(model):
-                context = (reach(model.encoder, 1, g.hop, q, dev),
-                           reach(model.decoder, model.quantizer.quantizers[0].in_proj.in_channels, 1, q, dev))
+            with noise_disabled(model):     # (not re-entrant: codes_reach disables noise itself)
+                enc = reach(model.encoder, 1, g.hop, q, dev)
+            context = (enc, max(codes_reach(model)))
         self.enc_context, self.dec_context = context
 
     def spans(self, frames: int, context: int):

@@ -7,16 +7,24 @@ Writes, for `out` = ``.../eval.json``:
   (``spread``: std and a 95 % bootstrap interval) and the paired difference to the baseline
   (``vs_baseline``: mean and 95 % bootstrap interval of model minus baseline, utterance by
   utterance), plus the bands, floor and budget used;
-* ``eval_utterances.jsonl`` -- one line per (utterance, model) with every metric;
+* ``eval_utterances.jsonl`` -- one line per (utterance, model) with every metric, null where it
+  does not apply (``missing``);
 * ``eval_clips/`` -- the first ``report_clips`` utterances (at most ``report_seconds`` each) as
   FLAC for target and every model, and ``index.json``: what the report plays and draws.
 
 Evaluation stops once ``max_seconds`` of held-out audio are done, across shards: a held-out
 manifest of thousands of utterances costs what the budget says.
+
+A metric that does not apply to an utterance (ViSQOL on a clip shorter than its patch, about
+1 s of audio; an LSD band without an STFT bin) is missing for it: null in ``eval_utterances.jsonl``,
+counted per model and metric in ``eval.json`` (``missing``) and the tables, left out of that
+metric's mean (paired differences use the utterances where both have it). A failed evaluation
+leaves no temporary file behind.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -85,37 +93,18 @@ def evaluate(codec_dir, heldout_paths, models: dict, out, settings: dict | None 
     out.parent.mkdir(parents=True, exist_ok=True)
     clips = []
     clip_dir.mkdir(parents=True, exist_ok=True)
-    values = {n: {m: [] for m in names} for n in decoders}
-    t0 = last = time.time()
-    done_s = 0.0
+    values = {n: {m: [] for m in names} for n in decoders}        # None where missing
+    missing = {}
+    t0 = time.time()
     tmp = utt_path.with_name(utt_path.name + ".tmp")
-    with open(tmp, "w") as f, progress() as bar:
-        task = bar.add_task("evaluate", total=len(todo))
-        for k, (sh, i) in enumerate(todo, start=1):
-            codes, audio = sh.utterance(i)
-            n = int(sh.table["samples"][i])
-            target = torch.from_numpy(audio[:n].astype(np.float32) / 32768.0)
-            codes_t = [torch.from_numpy(c)[None].to(device) for c in codes]
-            preds = {name: decode(model, codec, codes_t, n, fp["codec_rate"], target_rate)
-                     for name, model in decoders.items()}
-            for name, pred in preds.items():
-                r = evaluate_pair(pred, target, target_rate, split, n_ffts=s["n_ffts"],
-                                  floor_db=s["lsd_floor_db"], with_visqol=s["visqol"])
-                for m in names:
-                    values[name][m].append(r[m])
-                f.write(json.dumps({"id": sh.ids[i], "shard": sh.path.name, "seconds": round(n / target_rate, 3),
-                                    "model": name, **{m: round(r[m], 5) for m in names}}) + "\n")
-            if len(clips) < s["report_clips"]:
-                clips.append(save_clip(clip_dir, len(clips), sh.ids[i], target, preds, target_rate,
-                                       int(s["report_seconds"] * target_rate)))
-            done_s += n / target_rate
-            bar.advance(task)
-            if not console.is_terminal and (time.time() - last > 30 or k == len(todo)):
-                el = time.time() - t0
-                console.print(f"evaluate: {k}/{len(todo)} utterances, {done_s:.0f}/{budget_s:.0f} s of audio, "
-                              f"{el:.0f} s elapsed, eta {el / done_s * (budget_s - done_s):.0f} s")
-                last = time.time()
+    try:
+        _score(todo, decoders, codec, fp, target_rate, split, s, names, tmp, values, missing, clips, clip_dir,
+               device, t0, budget_s)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, utt_path)
+    done_s = sum(int(sh.table["samples"][i]) for sh, i in todo) / target_rate
     dump_json({"rate": target_rate, "codec_nyquist_hz": split, "models": list(decoders), "clips": clips},
               clip_dir / "index.json")
 
@@ -127,22 +116,74 @@ def evaluate(codec_dir, heldout_paths, models: dict, out, settings: dict | None 
         "lsd_floor_db": s["lsd_floor_db"], "better": {m: BETTER[m] for m in names},
         "visqol": visqol_note(s["visqol"]),
         "per_utterance": utt_path.name,
-        "models": {}, "spread": {}, "vs_baseline": {},
+        "models": {}, "spread": {}, "vs_baseline": {}, "missing": missing,
     }
     for name, d in values.items():
-        stats = {m: summarize(v, **boot) for m, v in d.items()}
-        result["models"][name] = {m: round(st["mean"], 4) for m, st in stats.items()}
-        result["spread"][name] = {m: {"std": round(st["std"], 4), "ci95": [round(c, 4) for c in st["ci95"]]}
+        stats = {m: _summary([x for x in v if x is not None], boot) for m, v in d.items()}
+        result["models"][name] = {m: st and round(st["mean"], 4) for m, st in stats.items()}
+        result["spread"][name] = {m: st and {"std": round(st["std"], 4), "ci95": [round(c, 4) for c in st["ci95"]]}
                                   for m, st in stats.items()}
         if name != "baseline":
             result["vs_baseline"][name] = {}
             for m, v in d.items():
-                st = summarize(np.subtract(v, values["baseline"][m]), **boot)
-                result["vs_baseline"][name][m] = {"diff": round(st["mean"], 4),
-                                                  "ci95": [round(c, 4) for c in st["ci95"]]}
+                pairs = [a - b for a, b in zip(v, values["baseline"][m]) if a is not None and b is not None]
+                st = _summary(pairs, boot)
+                result["vs_baseline"][name][m] = st and {"diff": round(st["mean"], 4),
+                                                         "ci95": [round(c, 4) for c in st["ci95"]]}
     dump_json(result, out)
     print_table(result)
     return result
+
+
+def _summary(values: list, boot: dict) -> dict | None:
+    """summarize(), or None when every utterance misses the metric."""
+    return summarize(values, **boot) if values else None
+
+
+MISSING_SHOWN = 5         # missing metrics named in the log; the rest are counted
+
+
+def _score(todo, decoders, codec, fp, target_rate, split, s, names, tmp, values, missing, clips, clip_dir,
+           device, t0, budget_s) -> None:
+    """Decode and score every selected utterance with every model into `values` (None where a
+    metric does not apply, counted in `missing`), one line each into `tmp`, clips into clip_dir."""
+    last, done_s, shown = t0, 0.0, 0
+    with open(tmp, "w") as f, progress() as bar:
+        task = bar.add_task("evaluate", total=len(todo))
+        for k, (sh, i) in enumerate(todo, start=1):
+            codes, audio = sh.utterance(i)
+            n = int(sh.table["samples"][i])
+            target = torch.from_numpy(audio[:n].astype(np.float32) / 32768.0)
+            codes_t = [torch.from_numpy(c)[None].to(device) for c in codes]
+            preds = {name: decode(model, codec, codes_t, n, fp["codec_rate"], target_rate)
+                     for name, model in decoders.items()}
+            for name, pred in preds.items():
+                notes = {}
+                r = evaluate_pair(pred, target, target_rate, split, n_ffts=s["n_ffts"],
+                                  floor_db=s["lsd_floor_db"], with_visqol=s["visqol"], notes=notes)
+                row = {m: round(r[m], 5) if math.isfinite(r[m]) else None for m in names}
+                for m in names:
+                    values[name][m].append(r[m] if row[m] is not None else None)
+                    if row[m] is None:
+                        missing.setdefault(name, {}).setdefault(m, 0)
+                        missing[name][m] += 1
+                        shown += 1
+                        if shown <= MISSING_SHOWN:
+                            console.print(f"[yellow]evaluate: {sh.path.name} {sh.ids[i]!r} ({n / target_rate:.2f} s), "
+                                          f"{name}: {m} missing ({notes.get(m, 'not a finite number')})"
+                                          + (" (further ones are counted in eval.json)" if shown == MISSING_SHOWN else ""))
+                f.write(json.dumps({"id": sh.ids[i], "shard": sh.path.name, "seconds": round(n / target_rate, 3),
+                                    "model": name, **row}) + "\n")
+            if len(clips) < s["report_clips"]:
+                clips.append(save_clip(clip_dir, len(clips), sh.ids[i], target, preds, target_rate,
+                                       int(s["report_seconds"] * target_rate)))
+            done_s += n / target_rate
+            bar.advance(task)
+            if not console.is_terminal and (time.time() - last > 30 or k == len(todo)):
+                el = time.time() - t0
+                console.print(f"evaluate: {k}/{len(todo)} utterances, {done_s:.0f}/{budget_s:.0f} s of audio, "
+                              f"{el:.0f} s elapsed, eta {el / done_s * (budget_s - done_s):.0f} s")
+                last = time.time()
 
 
 def visqol_note(on: bool) -> str:
@@ -177,21 +218,27 @@ def print_table(result: dict) -> None:
     from rich.table import Table
     lo, hi = result["bands_hz"]["lsd_hi_db"]
     t = Table(title=f"held-out evaluation: {result['utterances']} utterances, {result['seconds']} s; "
-                    f"mean [95 % bootstrap interval]; lsd_hi: {lo / 1000:g}-{hi / 1000:g} kHz")
+                    f"mean [95 % bootstrap interval] (n missing: utterances the metric does not apply to); "
+                    f"lsd_hi: {lo / 1000:g}-{hi / 1000:g} kHz")
     names = list(result["better"])
+    missing = result.get("missing", {})
     t.add_column("model")
     for m in names:
         t.add_column(m + (" ↑" if result["better"][m] == "max" else " ↓"), justify="right")
     for name, d in result["models"].items():
-        t.add_row(name, *(f"{d[m]:.3f} [{result['spread'][name][m]['ci95'][0]:.2f}, "
-                          f"{result['spread'][name][m]['ci95'][1]:.2f}]" for m in names))
+        t.add_row(name, *(("-" if d[m] is None else f"{d[m]:.3f} [{result['spread'][name][m]['ci95'][0]:.2f}, "
+                                                   f"{result['spread'][name][m]['ci95'][1]:.2f}]")
+                          + (f" ({missing[name][m]} missing)" if missing.get(name, {}).get(m) else "")
+                          for m in names))
     for name, d in result["vs_baseline"].items():
         t.add_row(f"[dim]{name} - baseline", *(fmt_diff(d[m], result["better"][m]) for m in names))
     console.print(t)
 
 
-def fmt_diff(d: dict, better: str) -> str:
+def fmt_diff(d: dict | None, better: str) -> str:
     """A paired difference with its interval, green when the whole interval is on the better side."""
+    if d is None:
+        return "-"
     lo, hi = d["ci95"]
     good = lo > 0 if better == "max" else hi < 0
     bad = hi < 0 if better == "max" else lo > 0

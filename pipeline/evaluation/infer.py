@@ -5,14 +5,15 @@ encoded and decoded in overlapping chunks (`chunked.py`), and the output streame
 `OUT.part`, renamed when complete). Bad input is refused with a one-line ValueError naming the
 file and what is wrong with it.
 
-`decode` takes numpy.savez archives, one integer array per codebook, coarsest first (SNAC's order;
-keys sorted naturally: codes_0, codes_1, ... or arr_0, arr_1, ...). Arrays are 1-D (one clip) or
-2-D (batch, codes) with the same batch size B for every codebook: a batch is decoded clip by clip
-into OUT-0.wav ... OUT-{B-1}.wav (B = 1 writes OUT itself), never flattened into one clip.
+`decode` takes numpy.savez archives (.npz), one integer array per codebook, coarsest first (SNAC's
+order; keys sorted naturally: codes_0, codes_1, ... or arr_0, arr_1, ...). Arrays are 1-D (one clip)
+or 2-D (batch, codes) with the same batch size B for every codebook: a batch is decoded clip by
+clip into OUT-0.wav ... OUT-{B-1}.wav (B = 1 writes OUT itself), never flattened into one clip.
+It also takes an Orpheus token list (.json or .txt, one clip; the layout is in codes.py). The
+checks are the library's (codes.check_codes), so both refuse bad codes with the same messages.
 """
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,34 +22,18 @@ import soxr
 import torch
 
 from ..data.audio import AudioError
-from ..model.codec import pick_device
 from ..ui import console
 from .chunked import CHUNK_SECONDS, Chunker
+from .codes import read_codes
+from .decoder import open_model
 
 BLOCK = 1 << 16     # input frames read at a time
 
 
 def load(model_path, device="auto", lora=None):
     """A trained model (folder or final.pt), optionally with a LoRA adapter applied."""
-    from ..model.snac48 import load_model
-    path, dev = Path(model_path), pick_device(device)
-    if not path.exists():
-        raise FileNotFoundError(f"model {path} does not exist")
-    try:
-        model = load_model(path, dev)
-    except (OSError, ValueError):
-        raise
-    except Exception as e:   # unpickling, safetensors and state-dict errors come in many types
-        raise ValueError(f"{path}: not a model folder or final.pt ({type(e).__name__}: {_first_line(e)})") from None
+    model, loaded = open_model(model_path, device, lora)
     if lora:
-        try:
-            loaded, skipped = model.load_lora(lora)
-        except (OSError, ValueError):
-            raise
-        except Exception as e:
-            raise ValueError(f"{lora}: not a loadable LoRA file ({type(e).__name__}: {_first_line(e)})") from None
-        if skipped:
-            raise ValueError(f"{lora}: {len(skipped)} adapter tensors do not fit this model, e.g. {skipped[:3]}")
         console.print(f"LoRA {lora}: {len(loaded)} tensors")
     return model
 
@@ -72,10 +57,11 @@ def resynth(model_path, src, dst, device="auto", lora=None, chunk_seconds=CHUNK_
     console.print(f"{src} ({rate} Hz, {n / g.codec_rate:.2f} s) -> {dst} ({g.target_rate} Hz)", soft_wrap=True)
 
 
-def decode(model_path, codes_path, dst, device="auto", chunk_seconds=CHUNK_SECONDS) -> None:
-    """Codes (.npz, see the module docstring) -> one target-rate file per clip."""
+def decode(model_path, codes_path, dst, device="auto", chunk_seconds=CHUNK_SECONDS, lora=None) -> None:
+    """Codes (.npz, or an Orpheus token list: see the module docstring) -> one target-rate file
+    per clip."""
     fmt = output_format(dst)
-    model = load(model_path, device)
+    model = load(model_path, device, lora)
     g = model.geometry
     batch = read_codes(codes_path, g)
     dst = Path(dst)
@@ -122,52 +108,6 @@ def read_blocks(src, rate: int, quality: str = "HQ"):
                 yield rs.resample_chunk(np.zeros(0, np.float32), last=True)
     except sf.SoundFileRuntimeError as e:
         raise AudioError(f"unreadable audio: {_first_line(e)}") from None
-
-
-def read_codes(path, geo) -> list:
-    """One (B, T_i) integer array per codebook, checked against the codec's geometry."""
-    path, hint = Path(path), "numpy.savez of one int array per codebook, coarsest first"
-    if not path.is_file():
-        raise ValueError(f"{path}: {'is a directory' if path.is_dir() else 'missing file'}, expected {hint}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not an .npz archive (expected {hint})")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = sorted(z.files, key=lambda k: (len(k), k))
-            arrays = [np.asarray(z[k]) for k in keys]
-    except Exception as e:   # damaged zip members, pickled objects, bad headers
-        raise ValueError(f"{path}: unreadable .npz ({type(e).__name__}: {_first_line(e)})") from None
-    if len(arrays) != geo.n_codebooks:
-        raise ValueError(f"{path}: {len(arrays)} arrays {keys}, the codec has {geo.n_codebooks} codebooks "
-                         f"(expected {hint})")
-    for k, a in zip(keys, arrays):
-        if a.dtype.kind in "fc" and not np.isfinite(a).all():
-            raise ValueError(f"{path}: {k} holds NaN/Inf: codes are integer indices in [0, {geo.codebook_size})")
-    for k, a in zip(keys, arrays):
-        where = f"{path}: {k}"
-        if a.dtype.kind not in "iu":
-            raise ValueError(f"{where} is {a.dtype}, not integers: codes are integer indices in "
-                             f"[0, {geo.codebook_size}) (cast with .astype(int) if the values are whole)")
-        if a.ndim not in (1, 2):
-            raise ValueError(f"{where} has shape {a.shape}: expected (codes,) or (batch, codes)")
-        if a.size == 0:
-            raise ValueError(f"{where} is empty (shape {a.shape})")
-        if a.min() < 0 or a.max() >= geo.codebook_size:
-            raise ValueError(f"{where} has codes outside [0, {geo.codebook_size}): min {a.min()}, max {a.max()}")
-    shapes = [a.shape for a in arrays]
-    if len({a.ndim for a in arrays}) > 1 or len({a.shape[0] for a in arrays if a.ndim == 2}) > 1:
-        raise ValueError(f"{path}: shapes {shapes} mix clips and batches; every codebook needs the same "
-                         "(codes,) or (batch, codes) layout")
-    arrays = [a if a.ndim == 2 else a[None] for a in arrays]
-    lens = [a.shape[1] for a in arrays]
-    if len({n * s for n, s in zip(lens, geo.strides)}) != 1:
-        raise ValueError(f"{path}: shapes {shapes} do not fit the codec's strides {list(geo.strides)} (codebook i "
-                         "holds frames / stride_i codes; a 2-D array is (batch, codes))")
-    frames = lens[-1] * geo.strides[-1]
-    if frames % geo.quantum:
-        raise ValueError(f"{path}: {frames} finest frames is not a multiple of {geo.quantum} (SNAC's local "
-                         f"attention works on whole windows of {geo.attn_window} frames)")
-    return arrays
 
 
 # ---- output -----------------------------------------------------------------------------------

@@ -120,7 +120,8 @@ def visqol(pred, target, sample_rate: int) -> float:
 
 @torch.no_grad()
 def evaluate_pair(pred, target, sample_rate: int, split_hz: float, n_ffts=tuple(EVAL_DEFAULTS["n_ffts"]),
-                  floor_db: float = EVAL_DEFAULTS["lsd_floor_db"], with_visqol: bool = False) -> dict:
+                  floor_db: float = EVAL_DEFAULTS["lsd_floor_db"], with_visqol: bool = False,
+                  notes: dict | None = None) -> dict:
     """All evaluation metrics for one (batch of) prediction/target pair(s), as python floats.
 
     ``mrstft`` (`MultiResolutionSTFTLoss` over ``n_ffts``, spectral convergence pooled over the
@@ -128,15 +129,20 @@ def evaluate_pair(pred, target, sample_rate: int, split_hz: float, n_ffts=tuple(
     (``[0, split_hz)``) and ``lsd_hi_db`` (``[split_hz, Nyquist]``) with the relative floor
     ``floor_db`` (`log_spectral_distance`), ``si_sdr_db``, and with ``with_visqol`` ``visqol``.
     ``split_hz`` is the codec's Nyquist frequency: the band above it is the one only a
-    higher-rate decoder can fill. A band holding no STFT bin gives NaN.
+    higher-rate decoder can fill. A band holding no STFT bin gives NaN, and so does ViSQOL on a
+    signal too short for one of its patches (under about 1 s); ``notes`` (a dict), when given, gets
+    the reason for each NaN by metric.
     """
     p, t = _pair(pred, target)
     device = p.device
 
+    notes = {} if notes is None else notes
+
     def lsd(band):
         try:
             return log_spectral_distance(p, t, sample_rate, band=band, floor_db=floor_db)
-        except ValueError:
+        except ValueError as e:
+            notes[{None: "lsd_db", (0.0, float(split_hz)): "lsd_lo_db"}.get(band, "lsd_hi_db")] = str(e)
             return float("nan")
 
     out = {
@@ -148,7 +154,10 @@ def evaluate_pair(pred, target, sample_rate: int, split_hz: float, n_ffts=tuple(
         "si_sdr_db": si_sdr(p, t),
     }
     if with_visqol:
-        out["visqol"] = visqol(p, t, sample_rate)
+        try:
+            out["visqol"] = visqol(p, t, sample_rate)
+        except ValueError as e:          # too short for one patch ("... smaller than minimum patch size")
+            out["visqol"], notes["visqol"] = float("nan"), f"ViSQOL: {e}"
     return out
 
 

@@ -125,15 +125,23 @@ def eval_table_html(result: dict) -> str:
     names = list(result["better"])
     arrow = {m: "↑" if result["better"][m] == "max" else "↓" for m in names}
     head = "<tr><th>model</th>" + "".join(f"<th>{m} {arrow[m]}</th>" for m in names) + "</tr>"
-    rows = []
+    rows, missing = [], result.get("missing", {})
+
+    def gone(model, m):       # utterances the metric does not apply to (e.g. too short for ViSQOL)
+        k = missing.get(model, {}).get(m)
+        return f" <span class='ci'>({k} missing)</span>" if k else ""
     for model, d in result["models"].items():
-        cells = "".join(f"<td>{d[m]:.3f} <span class='ci'>[{result['spread'][model][m]['ci95'][0]:.2f}, "
-                        f"{result['spread'][model][m]['ci95'][1]:.2f}]</span></td>" for m in names)
+        cells = "".join("<td>–" + gone(model, m) + "</td>" if d[m] is None else
+                        f"<td>{d[m]:.3f} <span class='ci'>[{result['spread'][model][m]['ci95'][0]:.2f}, "
+                        f"{result['spread'][model][m]['ci95'][1]:.2f}]</span>{gone(model, m)}</td>" for m in names)
         rows.append(f"<tr><td>{html.escape(model)}</td>{cells}</tr>")
     diffs = []
     for model, d in result["vs_baseline"].items():
         cells = []
         for m in names:
+            if d[m] is None:
+                cells.append("<td>–</td>")
+                continue
             lo, hi = d[m]["ci95"]
             better = lo > 0 if result["better"][m] == "max" else hi < 0
             worse = hi < 0 if result["better"][m] == "max" else lo > 0
@@ -147,7 +155,8 @@ def eval_table_html(result: dict) -> str:
             f"LSD bands: lsd_lo_db {b['lsd_lo_db'][0]:g}–{b['lsd_lo_db'][1]:g} Hz, lsd_hi_db "
             f"{b['lsd_hi_db'][0]:g}–{b['lsd_hi_db'][1]:g} Hz, floor {result['lsd_floor_db']:g} dB relative to the "
             f"target's mean power. {html.escape(result.get('visqol', ''))} "
-            f"Brackets: 95 % bootstrap interval over utterances. Per-utterance figures: "
+            f"Brackets: 95 % bootstrap interval over utterances; (n missing): utterances a metric does not apply "
+            f"to (e.g. shorter than ViSQOL's patch), left out of its mean. Per-utterance figures: "
             f"{html.escape(result['per_utterance'])}.</p>")
     return _page("Held-out evaluation", info + f"<table id='means'>{head}{''.join(rows)}</table>"
                  "<h3>Paired difference to the baseline (model − baseline, utterance by utterance)</h3>"

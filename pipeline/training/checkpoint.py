@@ -7,9 +7,11 @@
 
 Writing: every file and the folder are fsynced inside a temp folder, which is then renamed into
 place, so a kill or a full disk never leaves a half checkpoint under a step name; a full disk is
-reported as such, naming the file. Reading: a checkpoint that fails to read (a truncated file,
-bad JSON) is skipped with a warning naming it, and the one before it is used. Everything loads
-onto the CPU (`map_location`), so a run moves between GPU and CPU machines.
+reported as such, naming the file. trainer_state.json lists the parts written (`parts`).
+Reading: a checkpoint that fails to read (a truncated file, bad JSON) or lacks a part a resume
+needs (`REQUIRED`, and every part its state lists: a file deleted or lost in a copy) is skipped
+with a warning naming it, and the one before it is used. Everything loads onto the CPU
+(`map_location`), so a run moves between GPU and CPU machines.
 
 A run's checkpoints carry its identity (`trainer_state.json: run`). Checkpoints of another run
 (its settings or inputs changed) are moved aside under `superseded/`, with a message saying where
@@ -34,6 +36,7 @@ from ..ui import console
 
 STATE = "trainer_state.json"
 WEIGHTS = "model.safetensors"
+REQUIRED = ("optimizer", "scheduler", "rng")     # what every resume loads besides the weights
 
 
 class DiskFull(OSError):
@@ -73,7 +76,7 @@ def save(ckdir: Path, step: int, weights: dict, parts: dict, state: dict) -> Pat
             torch.save(obj, current)
             _fsync(current)
         current = tmp / STATE
-        current.write_text(json.dumps(state, indent=2))
+        current.write_text(json.dumps({**state, "parts": sorted(parts)}, indent=2))
         _fsync(current)
         _fsync(tmp)
         if final.exists():
@@ -109,9 +112,16 @@ def _fsync(path: Path) -> None:
 
 def read(d: Path) -> Checkpoint:
     """Everything of one checkpoint, on the CPU; raises (OSError, ValueError, RuntimeError...)
-    when a file is missing or damaged."""
+    when a file is missing or damaged, a part a resume needs included (`REQUIRED` and those the
+    state lists; the list itself is not part of the returned state)."""
     from safetensors.torch import load_file
     state = json.loads((d / STATE).read_text())
+    if not isinstance(state, dict):
+        raise ValueError(f"{d / STATE} holds no JSON object")
+    listed = state.pop("parts", [])
+    missing = [f"{p}.pt" for p in dict.fromkeys([*REQUIRED, *listed]) if not (d / f"{p}.pt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} missing")
     weights = load_file(d / WEIGHTS, device="cpu")
     parts = {p.stem: torch.load(p, map_location="cpu", weights_only=True) for p in sorted(d.glob("*.pt"))}
     return Checkpoint(d, state, weights, parts)

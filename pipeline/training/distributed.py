@@ -12,7 +12,9 @@ then trains with DistributedDataParallel (NCCL on CUDA, gloo on CPU):
   * every rank skips the same non-finite steps: a NaN loss or gradient on any rank makes the
     averaged gradient, hence its norm, non-finite on every rank;
   * a stop request (SIGTERM...) on any rank stops every rank after the same step;
-  * validation is split across ranks and summed.
+  * validation is split across ranks and summed;
+  * the logged losses are the whole batch's: each rank's terms (means over its rows, which are
+    equal shares) averaged over ranks (`Group.mean_terms`).
 """
 from __future__ import annotations
 
@@ -45,16 +47,21 @@ class Group:
         dist.all_reduce(t)
         return t.tolist()
 
-    def mean_terms(self, terms: dict) -> dict:
-        """{name: scalar tensor or float} -> {name: float}, each the mean over ranks: one
-        all-reduce of one stacked tensor, then one transfer to the host (the logging's only wait)."""
+    def mean_terms(self, terms: dict) -> dict[str, float]:
+        """{name: value} -> {name: float}, each value the mean over this rank's micro-batches (a
+        list of scalars, tensors or floats; or one scalar), then over ranks: the whole batch's
+        term when every rank holds an equal share of it. One all_reduce of the stacked values
+        and one .tolist() (a single host sync). Every rank must call it with the same names."""
         if not terms:
             return {}
-        values = list(terms.values())
-        device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
-        t = torch.stack([torch.as_tensor(v, device=device).detach().reshape(()).to(torch.float64) for v in values])
+        values = [v if isinstance(v, (list, tuple)) else [v] for v in terms.values()]
         if self.world > 1:
-            t = t.to(_device())
+            device = _device()
+        else:                   # where the values are: no copy before the one .tolist()
+            device = next((p.device for v in values for p in v if isinstance(p, torch.Tensor)), torch.device("cpu"))
+        t = torch.stack([torch.stack([torch.as_tensor(p).detach().to(device, torch.float64).reshape(()) for p in v]).mean()
+                         for v in values])
+        if self.world > 1:
             dist.all_reduce(t)
             t /= self.world
         return dict(zip(terms, t.tolist()))

@@ -424,10 +424,26 @@ def save(t: Trainer) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines past the checkpoint (they will be logged again)."""
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+    """On resume, drop metric lines past the checkpoint (they will be logged again), and any line
+    that is not a record (the partial last line of a kill mid-write), with a warning naming the
+    file and line. Rewritten atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            past = record["step"] > step
+        except (ValueError, TypeError, KeyError):
+            console.print(f"[yellow]{path}: line {n} is not JSON with a step (a write cut short by a kill?): dropped")
+            continue
+        if not past:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
 
 
 # ---- finish ---------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
+from snakemake.io import IOFile
 from snakemake.logging import logger
 
-from pipeline.data.manifest import ShardIndex
+from pipeline.data.manifest import ShardIndex, check_heldout_disjoint, shard_record
 from pipeline.settings import (PHASE_CHAIN, PHASES, PRECOMPUTE_DEFAULTS, adapter_settings, lora_adapters,
                                manifest_entries, phase_settings, run_settings, runtime_settings,
                                split_runtime, with_defaults)
@@ -74,6 +75,25 @@ def check_manifests():
 
 
 check_manifests()
+
+
+def check_heldout():
+    """Held-out utterances that are also training ones (same id, or same audio file) are refused
+    before any work, naming up to five: the evaluation would score the model on what it trained
+    on. A pass is remembered under .snakemake/ keyed by the manifests' bytes; when the training
+    manifests changed, the check rides on the parse that rebuilds their index. The demo's manifests, written by the demo_data checkpoint, are disjoint by
+    construction; they are checked too once they exist."""
+    train, held = SPLITS["train"]["manifest"], SPLITS["heldout"]["manifest"]
+    if not all(os.path.isfile(m) for m in train + held):
+        return
+    try:
+        check_heldout_disjoint(train, held, CHECK_CACHE, index=(SPLITS["train"]["shards"], INDEX_CACHE))
+    except ValueError as e:
+        raise WorkflowError(f"{e} (config keys manifest, heldout_manifest)")
+
+
+if workflow.is_main_process:      # not again inside every cluster job, which re-parses this file
+    check_heldout()
 
 
 def manifest_of(split):
@@ -145,6 +165,39 @@ def rebuild_if_deleted(split, k):
     dag.forcefiles.add(path)
 
 
+def rebuild_if_stale(split, k):
+    """A shard folder that does not hold what Snakemake's records say it holds is rebuilt, and
+    what was built from it reruns (forced, as in rebuild_if_deleted).
+
+    Each shard records the digest of the manifest rows it was built from (pipeline.data.cache).
+    When it differs from the current rows while Snakemake's record of the shard job's params
+    holds the current rows (or there is no record), Snakemake would use the folder as it is:
+    a shard restored from a backup (`cp -a`), copied from another tree, or written by an older
+    version of this pipeline. (When the recorded params differ too, the manifest was edited and
+    Snakemake reruns the shard itself, for "Params have changed": nothing to do here.) Cost: one
+    zarr.json read per shard, about a millisecond (pipeline.data.manifest.shard_record)."""
+    path = shard_paths(split)[k]
+    if not workflow.is_main_process or path in _FORCED or workflow.dag is None:
+        return
+    record = shard_record(path)
+    if record is None:          # no folder, or not a zarr group: Snakemake or training say so
+        return
+    want = shard_index(split).rows_digest(k)
+    if record.get("rows") == want:
+        return
+    persistence = workflow.persistence
+    recorded = persistence.params(IOFile(path)) if persistence is not None else None
+    if recorded and repr(want) not in recorded:
+        return                  # the params changed: Snakemake reruns the shard anyway
+    _FORCED.add(path)
+    why = ("has no record of the manifest rows it was built from (written by an older version of this "
+           "pipeline)" if "rows" not in record else
+           "was built from other manifest rows than the current ones (restored from a backup, copied from "
+           "another tree, or edited?)")
+    logger.warning(f"{path} {why}: rebuilding it (and rerunning what depends on it)")
+    workflow.dag.forcefiles.add(path)
+
+
 def shard_split(wc):
     return CACHE_SPLIT[wc.cachedir]
 
@@ -153,6 +206,7 @@ def shard_manifests(wc):
     """A shard job's manifest inputs (ancient: editing one line must not rerun every shard;
     the rows digest param reruns the line's own shard)."""
     rebuild_if_deleted(shard_split(wc), int(wc.shard))
+    rebuild_if_stale(shard_split(wc), int(wc.shard))
     return [ancient(m) for m in manifest_of(shard_split(wc))]
 
 

@@ -2,7 +2,8 @@
 # a listening page per held-out clip (spectrograms + audio players) and each phase's training
 # curves. Snakemake shows HTML items in an iframe and images inline; audio only plays inside an
 # HTML item, so each clip page carries its images and FLACs as data URIs (and stays under the
-# 2 MiB Chromium allows an iframe's data: URL).
+# 2 MiB Chromium allows an iframe's data: URL). rule export_final takes them as inputs: the
+# README's main command (final.pt) builds them, and `snakemake --report` works after it.
 REPORT_DIR = f"{RESULTS}/report"
 N_CLIPS = config["eval"]["report_clips"]
 

@@ -86,6 +86,9 @@ rule export_final:
     input:
         model=f"{final_source()}/model.safetensors",
         evaluation=f"{PHASE_DIR}/eval.json",
+        # the report's items (report.smk) come with final.pt, so that `snakemake --report` works
+        # after the README's main command; a function, as report.smk is included after this file
+        report=lambda wc: report_targets(),
     output:
         final=f"{PHASE_DIR}/final.pt",
         model=f"{PHASE_DIR}/model.safetensors",
