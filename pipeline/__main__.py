@@ -11,7 +11,7 @@ import traceback
 
 # The commands that run on a GPU when there is one; each drives one device (the first it sees)
 # and, on a machine with several, first claims a free one of its own (pipeline/gpus.py).
-GPU_COMMANDS = ("train", "evaluate", "precompute-shard")
+GPU_COMMANDS = ("train", "evaluate", "precompute-shard", "demo-codec", "gpu-check")
 
 
 def _json(s: str) -> dict:
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     c.add_argument("--manifest", required=True, nargs="+")
     c.add_argument("--out", required=True)
     c.add_argument("--settings", type=_json, required=True)
+    c.add_argument("--device", default="auto", help="auto: CUDA when there is one (not a setting: never a rerun)")
 
     c = sub.add_parser("make-manifest", help="train.jsonl + heldout.jsonl (+ skipped.jsonl) from a folder of audio")
     c.add_argument("audio_dir", help="folder scanned recursively for audio files (any format libsndfile reads)")
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     c.add_argument("--chunk-seconds", type=float, default=None, help=CHUNK_HELP)
 
     c = sub.add_parser("bench", help="print throughput figures")
-    c.add_argument("what", choices=["precompute", "train", "memory", "dag", "decode"])
+    c.add_argument("what", choices=["precompute", "train", "memory", "dag", "decode", "throughput", "precision"])
     c.add_argument("--seconds", type=float, default=20.0, help="precompute: audio seconds per measurement")
     c.add_argument("--cache-hours", type=float, default=1.0,
                    help="train: hours of synthetic cache, built once under results/bench/ and reused")
@@ -180,7 +181,10 @@ def main(argv=None) -> int:
     c.add_argument("--nproc-per-node", type=int, default=None,
                    help="train: compare a training phase run as 1 and as N processes (DDP) instead")
     c.add_argument("--configfile", nargs="+", default=["config/snac_24khz.yaml"],
-                   help="memory: the preset(s) to size, layered over config/config.yaml")
+                   help="memory, throughput, precision: the preset(s), layered over config/config.yaml")
+    c.add_argument("--phases", nargs="+", default=None, choices=["warmup", "full", "lora"],
+                   help="throughput, precision: these phases only (default: every phase of the preset)")
+    c.add_argument("--steps", type=int, default=4, help="throughput, precision: optimizer steps per timed window")
     c.add_argument("--rows", type=int, default=100_000, help="dag: manifest lines")
     c.add_argument("--shards", type=int, default=64, help="dag: precompute.shards")
     c.add_argument("--rounds", type=int, default=3, help="dag, decode: repetitions of each measurement")
@@ -194,10 +198,20 @@ def main(argv=None) -> int:
     c.add_argument("--device", nargs="+", default=None, help="decode: devices to measure (default: cpu, and cuda "
                    "where there is one)")
 
+    c = sub.add_parser("gpu-check", help="on a CUDA machine: the CUDA tests, the snac_24khz preset end to end "
+                       "through Snakemake (a killed phase resumed), bench memory, throughput and precision; one "
+                       "table, written as JSON (a few minutes on one H100/H200)")
+    c.add_argument("--out", default=None, help="the JSON report (default results/gpu-check/gpu-check-<time>.json)")
+    c.add_argument("--skip", nargs="+", default=[], metavar="STEP",
+                   choices=["end to end", "cuda tests", "bench memory", "throughput", "precision"],
+                   help="leave out these steps: 'end to end', 'cuda tests', 'bench memory', throughput, precision")
+    c.add_argument("--cpu", action="store_true",
+                   help="run the steps on the CPU at toy sizes: tries the check itself where there is no GPU")
+
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.knobs = knobs = {**getattr(a, "settings", {}), **getattr(a, "runtime", {})}     # runtime over settings
-    if a.command in GPU_COMMANDS and knobs.get("device", "auto") != "cpu":
+    if a.command in GPU_COMMANDS and knobs.get("device", getattr(a, "device", "auto")) != "cpu":
         from .gpus import claim
         claim(knobs.get("nproc_per_node", 1))      # a phase under torchrun: one GPU per process
     _header(a.command)
@@ -283,7 +297,7 @@ def _run(a) -> int | None:
         print(json.dumps(generate_demo(a.out, **a.settings)))
     elif a.command == "demo-codec":
         from .model.democodec import train_demo_codec
-        train_demo_codec(a.manifest, a.out, a.settings)
+        train_demo_codec(a.manifest, a.out, a.settings, a.device)
     elif a.command == "make-manifest":
         from .data.folder import make_manifest
         make_manifest(a.audio_dir, a.out_dir, a.speaker_depth, a.heldout_fraction, a.seed, a.workers)
@@ -345,6 +359,9 @@ def _run(a) -> int | None:
             infer.resynth(a.model, a.input, a.output, a.device, a.lora, **chunk)
         else:
             infer.decode(a.model, a.codes, a.output, a.device, lora=a.lora, **chunk)
+    elif a.command == "gpu-check":
+        from .gpucheck import main as gpu_check
+        return gpu_check(a.out, a.cpu, a.skip)
     elif a.command == "bench" and a.what == "memory":
         from .training.memory import report
         report(a.configfile)
@@ -358,6 +375,9 @@ def _run(a) -> int | None:
             bench.processes(a.nproc_per_node)
         elif a.what == "train":
             bench.train(a.cache_hours, a.workers, a.segment_seconds)
+        elif a.what in ("throughput", "precision"):
+            getattr(bench, a.what)(a.configfile, steps=a.steps, rounds=a.rounds, cache_hours=a.cache_hours,
+                                   only=a.phases)
         else:
             getattr(bench, a.what)(a.seconds)
 

@@ -20,6 +20,17 @@ TINY_24K = dict(sampling_rate=24000, encoder_dim=4, encoder_rates=[2, 4, 8, 8], 
                 vq_strides=[4, 2, 1], noise=True, depthwise=True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip where there is no CUDA device (`python -m pipeline gpu-check` runs
+    them on a GPU machine)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
     """The whole demo DAG (rule all, which includes results/phase11/final.pt) built once, locally,

@@ -153,6 +153,11 @@ def test_gpu_commands_claim_a_device_and_print_where_they_run(tmp_path):
         os.close(fd)
     assert r.returncode == 1 and "has no config.json" in " ".join(r.stdout.split()), r.stdout + r.stderr
     assert HEADER.findall(r.stderr) == [("evaluate", os.uname().nodename, "4242", "1")], r.stderr
+    # the demo codec trains on a GPU of its own too (GPU 0 is free again)
+    r = subprocess.run([sys.executable, "-m", "pipeline", "demo-codec", "--manifest", str(tmp_path / "none.jsonl"),
+                        "--out", str(tmp_path / "codec"), "--settings", "{}"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert HEADER.findall(r.stderr) == [("demo-codec", os.uname().nodename, "4242", "0")], r.stderr
 
     # a CPU command, or a GPU command told to run on the CPU, claims nothing
     env = _env(tmp_path, PHASE11_GPUS="2", PHASE11_GPU_LOCKS=str(tmp_path / "other"))

@@ -110,7 +110,7 @@ def test_bf16_autocast_computes_in_float32():
     assert torch.isfinite(pred.grad).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     x = broadband(batch=1, seconds=0.1)
     y = x + 0.05 * torch.randn_like(x)

@@ -66,20 +66,27 @@ def test_runtime_knobs_are_not_part_of_the_run():
     s = settings()
     knobs = dict(num_workers=1, preload=False, device="cpu", log_every=1, val_every=3, val_batches=2,
                  ckpt_every=3, keep_best=2, max_nonfinite=5, resume=False, activation_checkpointing=True,
-                 deterministic=True, nproc_per_node=2, nnodes=2)
+                 deterministic=True, nproc_per_node=2, nnodes=2, compile=True)
     assert set(knobs) == RUNTIME_KEYS
     assert run_settings(s) == run_settings({**s, **knobs})
     assert run_settings(s) != run_settings({**s, "lr": 2e-3})
 
 
 def test_killed_run_resumes_under_other_runtime_knobs(small_cache, tmp_path, tmp_path_factory, monkeypatch, capsys):
+    """... torch.compile included: dynamo's eager backend runs the captured graphs op for op (the
+    wiring of `compile: true`, cheaply; inductor's kernels are the GPU check's business)."""
+    from pipeline.training import device as D
     s = settings()
     killed_at(small_cache, tmp_path, s, 4, monkeypatch)
     before = json.loads((tmp_path / "checkpoints/step_0000004/trainer_state.json").read_text())["run"]
     capsys.readouterr()
-    knobs = dict(num_workers=1, log_every=1, ckpt_every=3, val_every=3, keep_best=2, activation_checkpointing=True)
+    knobs = dict(num_workers=1, log_every=1, ckpt_every=3, val_every=3, keep_best=2, activation_checkpointing=True,
+                 compile=True)
+    monkeypatch.setattr(D, "BACKEND", "eager")
     state = run(small_cache, "warmup", {**s, **knobs}, tmp_path)
-    assert "resuming warmup from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming warmup from" in out
+    assert "torch.compile (eager)" in (tmp_path / "preflight.json").read_text()
     assert state["step"] == 8 and state["run"] == before
     assert same_weights(weights(tmp_path), straight(small_cache, tmp_path_factory, s))
 

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from snac import SNAC
 from snac.layers import NoiseBlock
+from snac.layers import Snake1d as SnacSnake
+
+from .snake import use_snake
 
 # The official SNAC models' shapes by name (hubertsiuzdak/snac_24khz, _32khz, _44khz), for
 # benchmarks that need the real sizes without the weights.
@@ -128,7 +131,7 @@ def load_codec(folder, device="cpu") -> SNAC:
     unknown = set(cfg) - set(SNAC_KEYS)
     if unknown:
         raise ValueError(f"{folder}/config.json: keys SNAC does not take: {sorted(unknown)}")
-    model = SNAC(**cfg)
+    model = new_snac(cfg)
     model.load_state_dict(read_state_dict(folder), strict=True)
     return freeze(model).to(device)
 
@@ -157,7 +160,13 @@ def build_codec(config: dict, seed: int) -> SNAC:
     """A SNAC from constructor kwargs with a fixed seed (the demo codec's starting point)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SNAC(**config)
+        return new_snac(config)
+
+
+def new_snac(config: dict) -> SNAC:
+    """SNAC(**config) with the project's Snake (pipeline.model.snake: the same numbers and
+    state-dict keys, no TorchScript, so activation checkpointing and torch.compile work)."""
+    return use_snake(SNAC(**config), SnacSnake)
 
 
 def codec_digest(model: SNAC) -> str:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..data import audio as A
 from ..data.cache import dump_json
-from .codec import build_codec, geometry, noise_disabled, save_codec
+from .codec import build_codec, geometry, noise_disabled, pick_device, save_codec
 from ..evaluation.metrics import evaluate_pair
 from ..training.losses import ReconstructionLoss
 from ..data.manifest import parse_manifest
@@ -43,8 +43,8 @@ def reset_dead_codes(quantizer, usage: list, latents: list, rng) -> int:
         dead = torch.nonzero(used == 0).flatten()
         if len(dead):
             pool = z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
-            pick = torch.from_numpy(rng.integers(len(pool), size=len(dead)))
-            vq.codebook.weight[dead] = pool[pick] + 1e-3 * torch.randn(len(dead), pool.shape[1])
+            pick = torch.from_numpy(rng.integers(len(pool), size=len(dead))).to(pool.device)
+            vq.codebook.weight[dead] = pool[pick] + 1e-3 * torch.randn(len(dead), pool.shape[1]).to(pool.device)
             n += len(dead)
         used.zero_()
     return n
@@ -94,7 +94,9 @@ def excerpt(clips, n: int, rng, salient_db: float | None) -> np.ndarray:
     return piece
 
 
-def train_demo_codec(manifest, out, settings: dict) -> dict:
+def train_demo_codec(manifest, out, settings: dict, device: str = "auto") -> dict:
+    """Train the demo codec on `device` (auto: CUDA when there is one; not a setting: where it
+    trains never reruns anything, though a GPU's codec is not the CPU's to the bit)."""
     s = {**DEFAULTS, **settings}
     if not s["config"]:
         raise ValueError("codec.demo.config: the demo SNAC's constructor arguments are required")
@@ -108,7 +110,10 @@ def train_demo_codec(manifest, out, settings: dict) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(0.8, 0.99))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s["lr"], total_steps=s["steps"], pct_start=0.1)
     untrained = measure_quality(model.eval(), clips[:16])
-    usage = [torch.zeros(model.codebook_size, dtype=torch.long) for _ in model.vq_strides]
+    device = pick_device(device)
+    model.to(device)
+    loss_fn.to(device)
+    usage = [torch.zeros(model.codebook_size, dtype=torch.long, device=device) for _ in model.vq_strides]
     model.train()
     t0 = time.time()
     for step in range(1, s["steps"] + 1):
@@ -116,7 +121,7 @@ def train_demo_codec(manifest, out, settings: dict) -> dict:
         for j in range(s["batch_size"]):
             piece = excerpt(clips, seg, rng, s["salient_db"])
             batch[j, :len(piece)] = piece
-        x = torch.from_numpy(batch)[:, None]
+        x = torch.from_numpy(batch)[:, None].to(device)
         seen = []
         z_q, cb, commit = quantize_with_losses(model.quantizer, model.encoder(x), seen)
         for u, (idx, _) in zip(usage, seen):
@@ -134,9 +139,10 @@ def train_demo_codec(manifest, out, settings: dict) -> dict:
             parts = " ".join(f"{k}={v.item():.3f}" for k, v in terms.items())
             console.print(f"demo codec step {step}/{s['steps']} loss={loss.item():.3f} {parts} "
                           f"vq={cb.item():.4f}/{commit.item():.4f} ({time.time() - t0:.0f} s)")
-    model.eval()
+    model.eval().cpu()
     quality = measure_quality(model, clips[:16])
     quality.update({"untrained": untrained, "steps": s["steps"], "train_seconds": round(time.time() - t0, 1),
+                    "device": str(device),
                     "note": "demo codec: tiny and briefly trained; shows mechanics, not quality"})
     out = Path(out)
     save_codec(model, out)

@@ -64,11 +64,13 @@ from pathlib import Path
 
 import torch
 from snac import SNAC
-from snac.layers import DecoderBlock, NoiseBlock, ResidualUnit, Snake1d, WNConv1d
+from snac.layers import DecoderBlock, NoiseBlock, ResidualUnit, WNConv1d
+from snac.layers import Snake1d as SnacSnake
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .codec import SNAC_KEYS, freeze, geometry, snac_config, state_digest
+from .snake import Snake1d, use_snake
 
 FORMAT = "phase11-snac48/1"
 SNAKE_ALPHA = 1e-4
@@ -143,6 +145,7 @@ class SNAC48(nn.Module):
         self.encoder, self.quantizer = base.encoder, base.quantizer
         self.decoder = Decoder48(base.decoder, codec_config["decoder_rates"], factor, codec_config.get("noise", True),
                                  codec_config.get("depthwise", True), head_kernel)
+        use_snake(self, SnacSnake)      # no TorchScript in the forward (pipeline/model/snake.py)
 
     @property
     def config(self) -> dict:

@@ -35,6 +35,7 @@ __all__ = [
     "MultiResolutionSTFTLoss",
     "MelL1Loss",
     "ReconstructionLoss",
+    "Padding",
 ]
 
 LOSS_TERMS = ("l1", "stft", "mel")
@@ -223,7 +224,9 @@ class ReconstructionLoss(torch.nn.Module):
     so a batch split into equal shares across data-parallel ranks averages back to the same
     number. ``mask`` (bool, shaped like ``pred``, True on real samples, which come first) makes
     each item's loss that of its unpadded part alone, for every term; items of one length are
-    computed together, and a batch without padding costs what it costs without a mask.
+    computed together, and a batch without padding costs what it costs without a mask. ``mask``
+    may also be a `Padding` built from it beforehand (what the trainer passes: built on the CPU,
+    so the step never waits for the GPU to read the mask).
     """
 
     def __init__(self, sample_rate: int, lambdas: dict, n_ffts=(1024, 2048, 4096, 8192), n_mels: int = 128):
@@ -249,7 +252,11 @@ class ReconstructionLoss(torch.nn.Module):
 
     def forward(self, pred, target, mask=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p, t = _pair(pred, target)
-        parts = [(p, t) if idx is None else (p[idx, :n], t[idx, :n]) for n, idx in _length_groups(mask, p)]
+        pad = mask if isinstance(mask, Padding) or mask is None else Padding(mask)
+        if pad is not None and pad.shape != tuple(p.shape):
+            raise ValueError(f"mask must be a bool tensor shaped like pred, got {tuple(pad.shape)}")
+        groups = [(p.shape[-1], None)] if pad is None else pad.groups(p.device)
+        parts = [(p, t) if idx is None else (p[idx, :n], t[idx, :n]) for n, idx in groups]
         terms: dict[str, torch.Tensor] = {}
         total = None
         for name, weight in self.lambdas.items():
@@ -266,21 +273,35 @@ def _l1_items(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (p.float() - t.float()).abs().mean(dim=-1)
 
 
-def _length_groups(mask, p: torch.Tensor) -> list:
-    """[(length, item indices or None for all)] of a batch whose items are real on a prefix
-    (`mask` True there; None: all real). Items of one length are computed together, and a batch
-    without padding is one group with no indexing."""
-    length = p.shape[-1]
-    if mask is None:
-        return [(length, None)]
-    m = _as_batch(mask, "mask").to(p.device)
-    if m.shape != p.shape or m.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor shaped like pred, got {m.dtype} {tuple(m.shape)}")
-    lengths = m.sum(-1)
-    if not torch.equal(m, torch.arange(length, device=m.device)[None] < lengths[:, None]):
-        raise ValueError("mask must be True on a prefix of each item (real samples first, padding after)")
-    if bool((lengths == 0).any()):
-        raise ValueError("mask: an item has no real sample")
-    if bool((lengths == length).all()):
-        return [(length, None)]
-    return [(int(n), torch.nonzero(lengths == n).flatten()) for n in torch.unique(lengths).tolist()]
+class Padding:
+    """Where the items of a batch end: `mask` (bool, (B, 1, T) or (B, T), True on each item's real
+    samples, which come first), checked and grouped by length once, on the mask's own device. The
+    trainer builds it from the loader's CPU mask before anything goes to the GPU, so neither the
+    checks nor the grouping wait for the GPU (on a CUDA mask every check would be a host sync).
+    `groups(device)`: [(length, item indices on `device`, or None for all items)]; items of one
+    length are computed together, and a batch without padding is one group with no indexing."""
+
+    def __init__(self, mask: torch.Tensor):
+        m = _as_batch(mask, "mask")
+        if m.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor shaped like pred, got {m.dtype} {tuple(m.shape)}")
+        self.shape, length = tuple(m.shape), m.shape[-1]
+        lengths = m.sum(-1)
+        if not torch.equal(m, torch.arange(length, device=m.device)[None] < lengths[:, None]):
+            raise ValueError("mask must be True on a prefix of each item (real samples first, padding after)")
+        n = lengths.tolist()
+        if min(n) == 0:
+            raise ValueError("mask: an item has no real sample")
+        self.samples = sum(n)                          # real samples in the batch
+        self._groups = [(length, None)] if min(n) == length else \
+            [(k, torch.tensor([i for i, v in enumerate(n) if v == k])) for k in sorted(set(n))]
+        self._on = {}
+
+    def groups(self, device) -> list:
+        device = torch.device(device)
+        if device not in self._on:
+            pin = device.type == "cuda" and torch.cuda.is_available()     # a copy that needs no wait
+            self._on[device] = [(n, None if idx is None else
+                                 (idx.pin_memory() if pin else idx).to(device, non_blocking=pin))
+                                for n, idx in self._groups]
+        return self._on[device]

@@ -22,6 +22,7 @@ import torch
 from ..model.codec import build_codec
 from ..model.snac48 import from_codec, param_groups
 from ..settings import segment_frames
+from .device import set_precision
 from .discriminators import Adversarial
 from .losses import ReconstructionLoss
 
@@ -38,6 +39,8 @@ def build(codec_config: dict, target_rate: int, s: dict, device):
     groups, _ = param_groups(model, s["groups"], s["lr"])
     model.to(device).train()
     model.decoder.checkpointing = s["activation_checkpointing"]
+    set_precision(s["precision"], torch.device(device), model.decoder)
+    # the split on the CPU too: CPU bf16 autocast stands in for CUDA's in the estimate
     model.decoder.bf16_layers = model.decoder.bf16_split() if s["precision"] == "bf16" else 0
     loss_fn = ReconstructionLoss(target_rate, s["lambdas"], n_ffts=s["n_ffts"], n_mels=s["n_mels"]).to(device)
     adv = Adversarial(s["adversarial"], model.geometry).to(device) if s["adversarial"]["enabled"] else None
@@ -66,17 +69,26 @@ def step(model, trainable, loss_fn, adv, codes, target, opt=None, mark=lambda pa
 
 
 def measure_cuda(codec_config: dict, target_rate: int, s: dict) -> dict:
+    """Eager, as without torch.compile (which usually needs less). Out of memory is a result."""
     device = torch.device("cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model, trainable, loss_fn, adv = build(codec_config, target_rate, s, device)
-    opt = torch.optim.AdamW(trainable, lr=s["lr"])
-    frames = segment_frames(s["segment_seconds"], model.geometry)
-    codes, target = random_batch(model.geometry, s["batch_size"] // s["nproc_per_node"], frames, device)
-    for _ in range(2):
-        step(model, trainable, loss_fn, adv, codes, target, opt)
-    torch.cuda.synchronize()
-    return {"peak_gib": torch.cuda.max_memory_allocated() / GIB, "how": f"measured on {torch.cuda.get_device_name()}"}
+    how = f"measured on {torch.cuda.get_device_name()}"
+    try:
+        model, trainable, loss_fn, adv = build(codec_config, target_rate, s, device)
+        opt = torch.optim.AdamW(trainable, lr=s["lr"])
+        frames = segment_frames(s["segment_seconds"], model.geometry)
+        codes, target = random_batch(model.geometry, s["batch_size"] // s["nproc_per_node"], frames, device)
+        for _ in range(2):
+            step(model, trainable, loss_fn, adv, codes, target, opt)
+        torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        return {"peak_gib": float("inf"), "how": f"{how}: out of memory "
+                f"({torch.cuda.get_device_properties(0).total_memory / GIB:.0f} GiB)"}
+    finally:
+        model = trainable = loss_fn = adv = opt = codes = target = None
+        torch.cuda.empty_cache()
+    return {"peak_gib": torch.cuda.max_memory_allocated() / GIB, "how": how}
 
 
 def estimate_cpu(codec_config: dict, target_rate: int, s: dict, probe_seconds: float = 1.0) -> dict:
@@ -137,18 +149,17 @@ def peak_memory(codec_config: dict, target_rate: int, s: dict) -> dict:
     return estimate_cpu(codec_config, target_rate, s)
 
 
-def report(configfiles: list) -> list:
-    """Peak memory per phase of a preset (layered over config/config.yaml, as Snakemake does),
-    with a random-weight codec of the preset's shapes when its weights are not on this machine."""
+def preset(configfiles: list, one_adapter: bool = False) -> tuple:
+    """A preset layered over config/config.yaml (as Snakemake does): (config with defaults, the
+    codec's constructor config, where that came from, {phase name: settings} for warmup, full and
+    each LoRA adapter as lora:<name>, or the first alone). Without the codec's weights here, an official SNAC model's
+    shapes by the folder's name (random weights: the same speed and memory)."""
     import json
     from pathlib import Path
-
-    from rich.table import Table
 
     from ..configdiff import load_config
     from ..model.codec import OFFICIAL_CONFIGS
     from ..settings import adapter_settings, lora_adapters, phase_settings, with_defaults
-    from ..ui import console
     root = Path(__file__).resolve().parents[2]
     cfg = with_defaults(load_config([root / "config" / "config.yaml", *configfiles]))
     folder = cfg["codec"]["pretrained"]
@@ -157,23 +168,43 @@ def report(configfiles: list) -> list:
     elif folder:
         if Path(folder).name not in OFFICIAL_CONFIGS:
             raise SystemExit(f"error: codec.pretrained {folder} has no config.json here, and its name is not one of "
-                             f"the official SNAC models ({', '.join(OFFICIAL_CONFIGS)}) whose shape bench memory knows")
+                             f"the official SNAC models ({', '.join(OFFICIAL_CONFIGS)}) whose shape the benches know")
         codec_cfg, source = OFFICIAL_CONFIGS[Path(folder).name], f"random weights shaped like {Path(folder).name}"
     else:
         codec_cfg, source = cfg["codec"]["demo"]["config"], "the demo codec's config"
     phases = {p: phase_settings(cfg, p) for p in ("warmup", "full")}
-    phases.update({f"lora:{a}": adapter_settings(cfg, a) for a in lora_adapters(cfg)[0]})
+    adapters = list(lora_adapters(cfg)[0])
+    phases.update({f"lora:{a}": adapter_settings(cfg, a) for a in adapters[:1 if one_adapter else None]})
+    return cfg, codec_cfg, source, phases
+
+
+def report(configfiles: list, other_checkpointing: bool = False, one_adapter: bool = False) -> list:
+    """Peak memory per phase of a preset (layered over config/config.yaml, as Snakemake does),
+    with a random-weight codec of the preset's shapes when its weights are not on this machine;
+    other_checkpointing: each phase also with activation checkpointing the other way (marked
+    "what if"), the figures that re-size a preset."""
+    from rich.table import Table
+
+    from ..ui import console
+    cfg, codec_cfg, source, phases = preset(configfiles, one_adapter)
     how = "measured" if torch.cuda.is_available() else "estimated on the CPU from saved tensors (no GPU here)"
     t = Table(title=f"peak training memory per process, {how}: {' '.join(map(str, configfiles))} ({source})")
     for c in ("phase", "micro-batch", "grad_accum", "checkpointing", "precision", "adversarial", "peak GiB",
               f"fits {GPU_GB:g} GB - 10 %"):
         t.add_column(c)
     rows = []
+    if other_checkpointing:
+        phases = {k: v for name, s in phases.items() for k, v in
+                  ((name, s), (f"{name} (what if)", {**s, "activation_checkpointing": not s["activation_checkpointing"]}))}
     for name, s in phases.items():
         r = peak_memory(codec_cfg, cfg["codec"]["target_rate"], s)
-        rows.append({"phase": name, **r})
+        rows.append({"phase": name, "micro_batch": s["batch_size"] // s["nproc_per_node"],
+                     "segment_seconds": s["segment_seconds"], "grad_accum": s["grad_accum"],
+                     "checkpointing": s["activation_checkpointing"], "precision": s["precision"],
+                     "adversarial": s["adversarial"]["enabled"], **r,
+                     "fits": r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9})
         t.add_row(name, f"{s['batch_size'] // s['nproc_per_node']} x {s['segment_seconds']} s", str(s["grad_accum"]),
                   str(s["activation_checkpointing"]), s["precision"], str(s["adversarial"]["enabled"]),
                   f"{r['peak_gib']:.1f}", "yes" if r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9 else "[red]no")
-    console.print(t)
+    console.print(t, width=max(console.width, 130))
     return rows

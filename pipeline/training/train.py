@@ -32,12 +32,15 @@ from ..data.segments import SegmentBatches, build_pool, collate, fixed_segments,
 from ..evaluation.report import tb_log_samples
 from ..model.codec import fingerprint, load_codec, noise_disabled, state_digest
 from ..model.snac48 import from_codec, load_model, param_groups, save_model
+from ..model.snake import script_calls
 from ..settings import EVAL_DEFAULTS, check_segment, complete, run_settings, segment_frames
 from ..ui import console, progress
 from . import checkpoint, distributed
+from . import device as dev
+from .device import compile_in_place, compiled, copy_to, fp32_math, set_precision, use_compile
 from .discriminators import Adversarial
 from .guards import PhaseLock, StopRequest, Stopped, ignore_stop_signals
-from .losses import ReconstructionLoss
+from .losses import Padding, ReconstructionLoss
 from .preflight import Preflight
 from .schedules import lr_lambda
 from .warmstart import read_weights, warm_start
@@ -92,7 +95,8 @@ class Trainer:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     loss_fn: torch.nn.Module
-    decoder: torch.nn.Module     # model.decoder, wrapped in DistributedDataParallel with several processes
+    decoder: torch.nn.Module     # model.decoder for training: in DistributedDataParallel with several processes,
+                                 # compiled with `compile` (validation and saving use model.decoder itself)
     val: list                    # fixed held-out segments
     run: str
     start_weights: str
@@ -101,7 +105,8 @@ class Trainer:
     adv: object = None           # Adversarial (discriminators, their optimizer) when enabled
     batches: object = None       # iterator over (codes, target, mask) micro-batches
     tb: object = None
-    timer: dict = field(default_factory=lambda: {"t0": time.time(), "segments": 0})
+    timer: dict = field(default_factory=lambda: {"t0": time.perf_counter(), "segments": 0, "wait": 0.0,
+                                                 "paused": 0.0})   # since the last log line
 
     @property
     def ckdir(self) -> Path:
@@ -182,23 +187,31 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
     pf.add("trainable parameters", sum(c["trainable"] for c in counts) > 0,
            "; ".join(f"{c['pattern']}: {c['params']:,}" + (f" x{c['lr_factor']:g} lr" if c["trainable"] else " frozen")
                      for c in counts))
+    # device: precision, activation checkpointing, torch.compile
     model.to(device)
     decoder = model.decoder
     if group.world > 1:
         decoder = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=[device] if device.type == "cuda" else None)
-    low = s["precision"] == "bf16" and device.type == "cuda"
-    model.decoder.bf16_layers = model.decoder.bf16_split() if low else 0
+    how = set_precision(s["precision"], device, model.decoder)
     model.decoder.checkpointing = s["activation_checkpointing"]
+    if s["activation_checkpointing"]:
+        scripted = [c for m in model.decoder.modules() for c in script_calls(m)]
+        pf.add("activation checkpointing", not scripted, "no TorchScript in the decoder's forward" if not scripted else
+               f"TorchScript in the decoder's forward breaks the recomputation: {', '.join(sorted(set(scripted)))}")
+    fast = use_compile(s["compile"], device)
+    if fast:
+        decoder = compiled(decoder)
     pf.add("device / precision", True, f"{device} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-           + (f"bf16 for the first {model.decoder.bf16_layers} decoder layers, the rest and every loss fp32" if low
-              else "fp32") + ("; activation checkpointing" if s["activation_checkpointing"] else "")
-           + "; validation in fp32, as the evaluation")
+           f"{s['precision']}: {how}" + ("; activation checkpointing" if s["activation_checkpointing"] else "")
+           + (f"; torch.compile ({dev.BACKEND})" if fast else "") + "; validation in IEEE fp32")
 
     adv = None
     if s["adversarial"]["enabled"]:
         a = s["adversarial"]
         adv = Adversarial(a, geo, seed=s["seed"]).to(device)
         adv.sync = group.average_grads
+        if fast:
+            compile_in_place(adv.discriminator)
         pf.add("adversarial", True, f"{a['loss']} from step {a['start_step'] + 1}: periods {a['periods']}, STFT sizes "
                f"{a['stft_n_ffts']} ({sum(p.numel() for p in adv.params):,} parameters); lambdas {a['lambdas']}")
 
@@ -217,10 +230,12 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
     pf.finish()
     batches = SegmentBatches(shards, pool, n_frames, s["batch_size"], s["seed"], s["steps"] * s["grad_accum"],
                              s["source_weights"], share=(group.rank, group.world))
+    # loader: pinned batches on CUDA (copies that need no wait); prefetch for two optimizer steps
+    workers = s["num_workers"]
     t.batches = iter(torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(t.state["step"] * s["grad_accum"], len(batches))),
-        batch_size=None, num_workers=s["num_workers"], prefetch_factor=4 if s["num_workers"] else None,
-        worker_init_fn=ignore_stop_signals,
+        batch_size=None, num_workers=workers, prefetch_factor=max(2, -(-2 * s["grad_accum"] // workers)) if workers else None,
+        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(s["seed"])))   # not the global RNG: resume restores that
     if group.main:
         from torch.utils.tensorboard import SummaryWriter
@@ -274,18 +289,22 @@ def resume(t: Trainer, resume_from, pf: Preflight) -> None:
 # ---- one training step ----------------------------------------------------------------------------
 def train_step(t: Trainer, step: int) -> dict:
     """grad_accum micro-batches, then one optimizer step, skipped (and counted) when the loss or
-    the gradient norm is not finite. Every micro-batch is consumed either way."""
+    the gradient norm is not finite. Every micro-batch is consumed either way.
+
+    The host never waits for the GPU inside the micro-batches: what the step needs of the mask is
+    read on the CPU before the copy (next_batch), loss terms stay device tensors, and the one
+    wait per optimizer step is the gradient norm's finiteness check; at log steps the terms
+    become numbers in one transfer (Group.mean_terms)."""
     s, st = t.s, t.state
     t.model.train()
     t.opt.zero_grad(set_to_none=True)
-    terms_seen, finite, seconds = {}, True, 0.0      # term -> values over the micro-batches
+    sums, counts, finite, seconds = {}, {}, None, 0.0    # term -> sum over the micro-batches (device tensors)
     for i in range(s["grad_accum"]):
-        codes, target, mask = next(t.batches)
-        codes, target, mask = [c.to(t.device) for c in codes], target.to(t.device), mask.to(t.device)
+        (codes, target, mask), pad, real = next_batch(t)
         # several processes: gradients are averaged on the last micro-batch's backward only
         with t.decoder.no_sync() if t.group.world > 1 and i < s["grad_accum"] - 1 else nullcontext():
             pred = t.decoder(t.model.quantizer.from_codes(codes))
-            loss, terms = t.loss_fn(pred, target, mask)
+            loss, terms = t.loss_fn(pred, target, pad)
             if t.adv and t.adv.active(step):        # one discriminator step per optimizer step
                 terms.update(t.adv.discriminator_step(target, pred, mask, part=(i, s["grad_accum"])))
                 g, g_terms = t.adv.generator_loss(target, pred, mask)
@@ -293,18 +312,19 @@ def train_step(t: Trainer, step: int) -> dict:
             # backward even when not finite: every process runs the same collectives, and the NaN
             # reaches the averaged gradient norm on every process, which then skips the step
             (loss / s["grad_accum"]).backward()
-        finite &= bool(torch.isfinite(loss))
-        seconds += float(mask.sum()) / t.rate        # real audio seen: padding does not count
+        finite = torch.isfinite(loss) if finite is None else finite & torch.isfinite(loss)
+        seconds += real
         for k, v in {"loss": loss.detach(), **terms}.items():
-            terms_seen.setdefault(k, []).append(float(v))
+            sums[k], counts[k] = sums[k] + v if k in sums else v, counts.get(k, 0) + 1
     gnorm = torch.nn.utils.clip_grad_norm_(t.trainable, s["grad_clip"] or float("inf"))
-    if torch.isfinite(gnorm):
+    ok = bool(torch.isfinite(gnorm))                 # the step's one wait for the GPU
+    if ok:
         t.opt.step()
         st["nonfinite_run"] = 0
     else:
         st["nonfinite_run"] += 1
         st["nonfinite_total"] += 1
-        console.print(f"[yellow]step {step}: non-finite {'loss' if not finite else 'gradient norm'}, step skipped "
+        console.print(f"[yellow]step {step}: non-finite {'gradient norm' if finite else 'loss'}, step skipped "
                       f"({st['nonfinite_run']} in a row, {st['nonfinite_total']} in all)")
         if st["nonfinite_run"] >= s["max_nonfinite"]:
             raise RuntimeError(f"{st['nonfinite_run']} non-finite steps in a row at step {step} "
@@ -316,10 +336,32 @@ def train_step(t: Trainer, step: int) -> dict:
     t.timer["segments"] += s["batch_size"] * s["grad_accum"]
     record = {"step": step, "lr": t.sched.get_last_lr()[0], "segments_seen": st["segments_seen"],
               "seconds_seen": round(st["seconds_seen"], 3), "nonfinite_total": st["nonfinite_total"]}
-    if torch.isfinite(gnorm) and (step % s["log_every"] == 0 or step == s["steps"]):
-        record.update({f"train/{k}": v for k, v in t.group.mean_terms(terms_seen).items()}, grad_norm=float(gnorm),
-                      segments_per_s=t.timer["segments"] / max(time.time() - t.timer["t0"], 1e-9))
+    if ok and (step % s["log_every"] == 0 or step == s["steps"]):
+        means = t.group.mean_terms({**{f"train/{k}": v / counts[k] for k, v in sums.items()}, "grad_norm": gnorm})
+        record.update(means, **rates(t))
     return record
+
+
+def next_batch(t: Trainer):
+    """The next micro-batch on the device, with what the step needs of its mask read on the CPU
+    before the copy: a Padding for the losses and the seconds of real audio (padding does not
+    count). -> ((codes, target, mask), padding, seconds)."""
+    w = time.perf_counter()
+    codes, target, mask = next(t.batches)
+    t.timer["wait"] += time.perf_counter() - w
+    pad = Padding(mask)
+    batch = [copy_to(c, t.device) for c in codes], copy_to(target, t.device), copy_to(mask, t.device)
+    return batch, pad, pad.samples / t.rate
+
+
+def rates(t: Trainer) -> dict:
+    """Since the last log line, validation excluded: segments per second and the share of that
+    time the trainer waited for its loader; the window starts again."""
+    now, tm = time.perf_counter(), t.timer
+    busy = max(now - tm["t0"] - tm["paused"], 1e-9)
+    out = {"segments_per_s": tm["segments"] / busy, "loader_wait": round(tm["wait"] / busy, 4)}
+    t.timer.update(t0=now, segments=0, wait=0.0, paused=0.0)
+    return out
 
 
 # ---- validation, logging, checkpoints -------------------------------------------------------------
@@ -328,18 +370,20 @@ def validate(t: Trainer) -> float:
     """Held-out loss on fixed segments, noise off, in fp32 like the evaluation (the bf16 split
     applies in training mode only)."""
     t.model.eval()
+    began = time.perf_counter()
     mine = t.val[t.group.rank::t.group.world]          # split across processes, summed below
     total, n = 0.0, 0
-    with noise_disabled(t.model):
+    with noise_disabled(t.model), fp32_math(t.device):
         for i in range(0, len(mine), t.s["batch_size"]):
             codes, target, mask = collate(mine[i:i + t.s["batch_size"]])
             pred = t.model.decode([c.to(t.device) for c in codes])
-            loss, _ = t.loss_fn(pred, target.to(t.device), mask.to(t.device))
+            loss, _ = t.loss_fn(pred, target.to(t.device), mask)     # the mask read where it is, on the CPU
             total += float(loss) * target.shape[0]
             n += target.shape[0]
             if i == 0 and t.group.main:          # listen to and look at the first segments
                 tb_log_samples(t.tb, t.state["step"], {t.phase: pred}, target, t.rate, t.model.geometry.codec_rate / 2)
     total, n = t.group.sum([total, n])
+    t.timer["paused"] += time.perf_counter() - began      # not training time (rates)
     return total / n
 
 
@@ -351,8 +395,9 @@ def log(t: Trainer, record: dict, bar, task) -> None:
     if "train/loss" in record:
         rate = record["segments_per_s"]
         eta = (s["steps"] - step) * s["batch_size"] * s["grad_accum"] / max(rate, 1e-9)
+        wait = f", {100 * record['loader_wait']:.0f} % waiting for data" if record["loader_wait"] >= 0.05 else ""
         console.print(f"{t.phase} step {step}/{s['steps']} loss {record['train/loss']:.4f} lr {record['lr']:.2e} "
-                      f"{rate:.1f} seg/s, {record['seconds_seen'] / 3600:.2f} h of audio seen, eta {eta:.0f} s")
+                      f"{rate:.1f} seg/s{wait}, {record['seconds_seen'] / 3600:.2f} h of audio seen, eta {eta:.0f} s")
         bar.update(task, info=f"loss {record['train/loss']:.4f} lr {record['lr']:.2e} {rate:.1f} seg/s")
     if "val/loss" in record:
         console.print(f"{t.phase} step {step}: validation loss {record['val/loss']:.4f}")

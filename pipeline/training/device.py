@@ -1,0 +1,81 @@
+"""How a training step uses its device: precision, torch.compile, host-to-device copies.
+
+Precision (`precision`, a run setting: it changes the numbers):
+  * fp32 (the default): IEEE fp32 in every matmul and convolution. PyTorch's own default lets
+    cuDNN run fp32 convolutions in TF32 (10-bit mantissa); here it does not, so fp32 means fp32.
+  * tf32: TF32 in the matmuls and convolutions of CUDA (tensor cores); storage stays fp32.
+  * bf16: bf16 autocast over the low-rate start of the pretrained decoder (Decoder48.bf16_split),
+    IEEE fp32 everywhere else.
+  On CPU all three compute in IEEE fp32. Measured on one H200 (notes/gpu.md): the bf16 split took
+  the time fp32 took in every phase, so it buys nothing and fp32 is the default; TF32 waits for
+  the GPU check (`python -m pipeline gpu-check`), which measures its speed and its 12-24 kHz SNR
+  against fp32.
+
+torch.compile (`compile`, a runtime knob: how a step runs, not what it computes): the decoder's
+training forward (a compiled wrapper; validation and saving use the plain module) and the
+discriminators (compiled in place: their state-dict keys stay). auto: on CUDA, not on CPU
+(measured on the H200: warmup's step 1.40x faster). BACKEND is torch.compile's backend
+(tests set a cheap one on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+BACKEND = "inductor"
+
+
+def set_precision(precision: str, device: torch.device, decoder) -> str:
+    """Apply `precision` to this process's math and to the decoder's bf16 split; -> a description."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if device.type == "cuda":
+        mode = "tf32" if precision == "tf32" else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    decoder.bf16_layers = decoder.bf16_split() if precision == "bf16" and device.type == "cuda" else 0
+    if device.type != "cuda":
+        return "fp32 (on CPU every precision computes in fp32)"
+    if precision == "tf32":
+        return "TF32 matmuls and convolutions, fp32 storage"
+    if precision == "bf16":
+        return f"bf16 for the first {decoder.bf16_layers} decoder layers, IEEE fp32 for the rest and every loss"
+    return "IEEE fp32 (no TF32)"
+
+
+@contextlib.contextmanager
+def fp32_math(device: torch.device):
+    """IEEE fp32 matmuls and convolutions inside (validation; the evaluation may use it), whatever the
+    precision outside."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def use_compile(setting, device: torch.device) -> bool:
+    """`compile` (auto, true, false) -> whether to compile on this device."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """A compiled wrapper around `module` (same parameters; its state dict stays the module's)."""
+    return torch.compile(module, backend=BACKEND, dynamic=False)
+
+
+def compile_in_place(module: torch.nn.Module) -> torch.nn.Module:
+    """Compile `module`'s forward in place: callers and state-dict keys stay as they were."""
+    module.compile(backend=BACKEND, dynamic=False)
+    return module
+
+
+def copy_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without waiting: non-blocking from pinned memory (the loader pins on CUDA)."""
+    return x.to(device, non_blocking=device.type == "cuda" and x.is_pinned())

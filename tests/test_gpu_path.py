@@ -1,0 +1,182 @@
+"""The GPU path, seen from a CPU: no host synchronisation per micro-batch, the precision settings
+(what fp32, tf32 and bf16 set), the logged rate since the last log line, and `gpu-check` on a
+machine without CUDA. The GPU itself is `python -m pipeline gpu-check`'s business."""
+from __future__ import annotations
+
+import inspect
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import settings, tiny_codec
+
+from pipeline.model import snac48 as M
+
+from pipeline.training import train as T
+from pipeline.training.distributed import Group
+
+PIPELINE = str(Path(T.__file__).resolve().parents[1])
+# Tensor -> Python (each a wait for the GPU on a CUDA tensor), and ops whose result size or value
+# the host must read
+TENSOR_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero", "unique", "numpy")
+TORCH_READS = ("equal", "nonzero", "unique", "is_nonzero")
+
+
+def count_host_reads(monkeypatch) -> list:
+    """Record every read above called directly from pipeline code, except while next_batch
+    prepares a micro-batch on the CPU (before its copy to the device): [(file:function)]."""
+    seen = []
+
+    def wrap(owner, name):
+        real = getattr(owner, name)
+
+        def counted(*a, **k):
+            caller = inspect.currentframe().f_back
+            if caller.f_code.co_filename.startswith(PIPELINE):
+                f = caller
+                while f is not None and f.f_code.co_name != "next_batch":
+                    f = f.f_back
+                if f is None:
+                    seen.append(f"{Path(caller.f_code.co_filename).name}:{caller.f_code.co_name}:{name}")
+            return real(*a, **k)
+        monkeypatch.setattr(owner, name, counted)
+    for name in TENSOR_READS:
+        wrap(torch.Tensor, name)
+    for name in TORCH_READS:
+        wrap(torch, name)
+    return seen
+
+
+def trainer(small_cache, out, device="cpu", **over):
+    s = settings(device=device, **over)
+    shards = sorted(str(p) for p in (small_cache / "cache").glob("shard-*.zarr"))
+    held = sorted(str(p) for p in (small_cache / "heldout").glob("shard-*.zarr"))
+    return T.setup("warmup", T.complete(s, "train.warmup"), Group(), torch.device(device), small_cache / "codec", 48000,
+                   shards, held, None, out, None, "default")
+
+
+ADVERSARIAL = {"enabled": True, "start_step": 0, "periods": [2], "period_channels": [4, 4], "stft_n_ffts": [256],
+               "stft_channels": 4}
+
+
+def test_a_training_step_reads_device_values_once_per_step_not_per_micro_batch(small_cache, tmp_path, monkeypatch):
+    """On CUDA each float(), bool(), .item() of a device tensor (and torch.equal, nonzero, unique)
+    stops the host until the GPU has caught up. A step may do that once, for the gradient norm's
+    finiteness (and the discriminators once for theirs); the mask is read on the CPU, before the
+    copy. Counted by call site on CPU over a step of 2 micro-batches (a read per micro-batch would
+    count twice), padded segments and discriminators included: none in the losses or the loop."""
+    pads = []
+    real_padding = T.Padding
+    monkeypatch.setattr(T, "Padding", lambda mask: pads.append(real_padding(mask)) or pads[-1])
+    # 1.5 s segments: the demo clips (1.2-2 s) give padded and unpadded items
+    t = trainer(small_cache, tmp_path, grad_accum=2, log_every=10 ** 6, segment_seconds=1.5, adversarial=ADVERSARIAL,
+                steps=4)
+    with monkeypatch.context() as mp:
+        seen = count_host_reads(mp)
+        T.train_step(t, 1)
+    assert len(pads) == 2 and any(len(p.groups("cpu")) > 1 for p in pads), "no padded batch: the mask went unread"
+    assert sorted(seen) == ["discriminators.py:discriminator_step:__bool__", "train.py:train_step:__bool__"], seen
+
+
+def test_log_steps_read_every_term_in_one_transfer(small_cache, tmp_path, monkeypatch):
+    t = trainer(small_cache, tmp_path, log_every=1)
+    with monkeypatch.context() as mp:
+        seen = count_host_reads(mp)
+        record = T.train_step(t, 1)
+    assert sorted(seen) == ["distributed.py:mean_terms:tolist", "train.py:train_step:__bool__"]
+    assert {"train/loss", "train/l1", "train/stft", "train/mel", "grad_norm"} <= set(record)
+    assert all(isinstance(record[k], float) for k in ("train/loss", "grad_norm", "segments_per_s"))
+
+
+def test_the_logged_rate_is_the_rate_since_the_last_log_line(monkeypatch):
+    """segments_per_s: segments since the last log line over the time since then, validation
+    excluded; set-up time and earlier windows do not count."""
+    clock = iter([110.0, 130.0])
+    monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
+    t = types.SimpleNamespace(timer={"t0": 100.0, "segments": 80, "wait": 2.0, "paused": 2.0})
+    assert T.rates(t) == {"segments_per_s": 10.0, "loader_wait": 0.25}
+    t.timer["segments"] = 40
+    assert T.rates(t)["segments_per_s"] == 2.0            # 40 in the 20 s since the last line
+    assert t.timer["t0"] == 130.0 and t.timer["segments"] == 0
+
+
+@pytest.mark.parametrize("precision, mode, layers", [("fp32", "ieee", False), ("tf32", "tf32", False),
+                                                     ("bf16", "ieee", True)])
+def test_precision_sets_what_cuda_computes_with(precision, mode, layers):
+    """fp32 is IEEE fp32 in cuDNN's convolutions too (PyTorch's default lets them use TF32); tf32
+    turns TF32 on for matmuls and convolutions; bf16 is the split, IEEE elsewhere. On CPU nothing
+    is switched and the decoder has no bf16 layers. (The flags are settable without a GPU.)"""
+    from conftest import tiny_codec
+
+    from pipeline.model.snac48 import from_codec
+    from pipeline.training.device import fp32_math, set_precision
+    dec = from_codec(tiny_codec(), 48000).decoder
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        set_precision(precision, torch.device("cuda"), dec)
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (mode, mode)
+        assert (dec.bf16_layers > 0) == layers
+        with fp32_math(torch.device("cuda")):              # validation: IEEE whatever the precision
+            assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision == mode
+        set_precision(precision, torch.device("cpu"), dec)
+        assert dec.bf16_layers == 0
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_cuda_training_step_synchronises_twice_with_discriminators(small_cache, tmp_path, compile):
+    """On the GPU itself: CUDA's sync debug mode warns at every call that makes the host wait. A
+    step of 2 micro-batches with discriminators waits twice: the finiteness of the generator's and
+    of the discriminators' gradient norms."""
+    import warnings
+    t = trainer(small_cache, tmp_path, "cuda", grad_accum=2, log_every=10 ** 6, segment_seconds=1.5,
+                adversarial=ADVERSARIAL, compile=compile, steps=4)
+    T.train_step(t, 1)                   # compilation, cuDNN's kernel choice, the allocator's first blocks
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            T.train_step(t, 2)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 2, syncs                 # where each was called from, when it fails
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default kernels", "deterministic"])
+def test_a_killed_cuda_run_resumes_where_an_uninterrupted_one_ends(small_cache, tmp_path, monkeypatch, deterministic):
+    """A warmup run on CUDA killed after its step-4 checkpoint and rerun ends where the run that
+    was never killed ends: bit for bit with deterministic kernels; otherwise within 2 % of how far
+    the weights moved (CUDA's atomics add in any order)."""
+    from conftest import run
+    from safetensors.torch import load_file
+    from test_trainer_runs import killed_at
+    s = settings(device="cuda", deterministic=deterministic, activation_checkpointing=True, compile=False)
+    run(small_cache, "warmup", s, tmp_path / "straight")
+    killed_at(small_cache, tmp_path / "resumed", s, 4, monkeypatch)
+    state = run(small_cache, "warmup", s, tmp_path / "resumed")
+    assert state["step"] == 8
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("straight", "resumed"))
+    start = M.from_codec(tiny_codec(), 48000).state_dict()
+    key = [k for k in a if k.startswith("decoder.new_block")]
+    moved = torch.cat([(a[k] - start[k]).flatten() for k in key]).norm()
+    apart = torch.cat([(a[k] - b[k]).flatten() for k in key]).norm()
+    assert moved > 0
+    assert (apart == 0) if deterministic else (apart <= 0.02 * moved), (float(apart), float(moved))
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(monkeypatch, capsys, tmp_path):
+    """On a machine without CUDA the check checks nothing, says why, and succeeds (CI runs there)."""
+    from pipeline import __main__ as cli
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["gpu-check"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "gpu-check needs a CUDA device" in out and "nothing was checked" in out
+    assert not (tmp_path / "results").exists()
