@@ -191,8 +191,8 @@ def main(argv=None) -> int:
     c.add_argument("--keep", default=None, help="dag: build the synthetic tree in this folder and keep it")
     c.add_argument("--model", default=None, help="decode: a model folder or final.pt (default: random weights of "
                    "--preset's shapes)")
-    c.add_argument("--preset", default="snac_24khz", help="decode: official SNAC shapes to build without weights "
-                   "(snac_24khz, snac_32khz, snac_44khz)")
+    c.add_argument("--preset", default="snac_24khz", help="decode: a published codec's shapes to build without "
+                   "weights (snac_24khz, snac_32khz, snac_44khz, mimi)")
     c.add_argument("--clip-seconds", type=float, default=10.0, help="decode: seconds of codes per offline decode")
     c.add_argument("--push-frames", type=int, default=4, help="decode: finest frames per streaming push")
     c.add_argument("--device", nargs="+", default=None, help="decode: devices to measure (default: cpu, and cuda "
@@ -302,8 +302,11 @@ def _run(a) -> int | None:
         from .data.folder import make_manifest
         make_manifest(a.audio_dir, a.out_dir, a.speaker_depth, a.heldout_fraction, a.seed, a.workers)
     elif a.command == "precompute-shard":
-        from .data.precompute import run_shard
-        run_shard(a.manifest, a.shard, a.n_shards, a.codec, a.out, a.knobs)
+        from .data.precompute import run_shard, settings_with_defaults
+        from .gpus import pick_device
+        from .model import codecs
+        s = settings_with_defaults(a.knobs)            # a bad setting fails before the codec loads
+        run_shard(a.manifest, a.shard, a.n_shards, codecs.load(a.codec, s["n_q"], pick_device(s["device"])), a.out, s)
     elif a.command == "precompute-summary":
         from .data.precompute import summarize
         summarize(a.manifest, a.shards, a.out_dir)
@@ -318,8 +321,8 @@ def _run(a) -> int | None:
         else:
             show(result, a.against or "settings shared by all phases", a.all)
     elif a.command == "convert-snac":
-        from .model.codec import convert_official
-        r = convert_official(a.src, a.dst)
+        from .model.codecs import family
+        r = family("snac").convert_official(a.src, a.dst)
         print(f"converted {r['tensors']} tensors, verified one by one (sha256 {r['digest'][:12]}) -> {r['out']}")
     elif a.command == "train":
         from .training.distributed import launch_command
@@ -342,7 +345,7 @@ def _run(a) -> int | None:
             console.print(f"[bold yellow]stopped:[/] {e}")
             return e.code
     elif a.command == "export":
-        from .model.snac48 import export_final
+        from .model.codecs import export_final
         export_final(a.phase_dir, a.out)
     elif a.command == "evaluate":
         from .evaluation.evaluate import evaluate
@@ -388,8 +391,10 @@ def _cache_info(a) -> int:
     try:
         codec = None
         if a.check and a.codec:
-            from .model.codec import load_codec
-            codec = load_codec(a.codec)
+            from .data.cache import Shard, shard_paths
+            from .model import codecs
+            recorded = Shard(shard_paths(a.cache)[0]).fingerprint      # the codec as the cache used it (n_q)
+            codec = codecs.load(a.codec, recorded.get("n_q"))
         info = cache_info(a.cache, a.check, codec, None if a.json else console.print)
     except CacheError as e:
         console.print(f"[bold red]cache error:[/] {e}")

@@ -47,8 +47,7 @@ def built(tmp_path_factory):
 def tiny_codec_dir(tmp_path_factory):
     """A tiny SNAC saved as the official checkpoint layout (config.json + pytorch_model.bin)."""
     d = tmp_path_factory.mktemp("codec")
-    from pipeline.model.codec import save_codec
-    save_codec(tiny_codec(seed=7), d, official=True)
+    tiny_codec(seed=7).save(d, official=True)
     return d
 
 
@@ -56,18 +55,17 @@ def tiny_codec(seed=7, config=TINY_24K):
     """A random tiny SNAC whose codebooks are seeded from its own latents of speech-like audio,
     so its codes are informative (a random SNAC maps almost everything to one code)."""
     import torch
-    from pipeline.model.codec import build_codec
-    from pipeline.model.democodec import quantize_with_losses, reset_dead_codes
-    model = build_codec(config, seed=seed)
+    from pipeline.model import codecs
+    model = codecs.build(config, seed=seed)
     rate = config["sampling_rate"]
-    from pipeline.model.codec import geometry
+    from pipeline.model.codecs.snac import geometry
     n = geometry(config, 2 * rate).pad_to * 8
     x = torch.from_numpy(np.stack([speechlike(max(2.0, n / rate + 0.01), rate, seed=s)[:n] for s in range(4)]))[:, None]
     with torch.no_grad():
         seen = []
-        quantize_with_losses(model.quantizer, model.encoder(x), seen)
+        model.quantize_with_losses(model.encoder(x), seen)
         usage = [torch.zeros(config["codebook_size"], dtype=torch.long) for _ in seen]
-        reset_dead_codes(model.quantizer, usage, [z for _, z in seen], np.random.default_rng(seed))
+        model.reset_dead_codes(usage, [z for _, z in seen], np.random.default_rng(seed))
     return model.eval()
 
 
@@ -100,13 +98,13 @@ def write_manifest(path, rows):
 def small_cache(tmp_path_factory):
     from pipeline.data.demo import generate_demo
     from pipeline.data.precompute import run_shard
-    from pipeline.model.codec import save_codec
+    from pipeline.model import codecs
     d = tmp_path_factory.mktemp("train")
     generate_demo(d / "demo", seed=5, n_train=6, n_heldout=3, min_seconds=1.2, max_seconds=2.0)
-    save_codec(tiny_codec(), d / "codec")
+    tiny_codec().save(d / "codec")
     for name, m, n in (("cache", "manifest.jsonl", 2), ("heldout", "heldout.jsonl", 1)):
         for k in range(n):
-            run_shard(d / "demo" / m, k, n, d / "codec", d / name / f"shard-{k:03d}.zarr")
+            run_shard(d / "demo" / m, k, n, codecs.load(d / "codec"), d / name / f"shard-{k:03d}.zarr")
     return d
 
 

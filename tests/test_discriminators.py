@@ -12,7 +12,7 @@ import torch
 import yaml
 from conftest import ROOT, speechlike, tiny_codec
 
-from pipeline.model import snac48 as M
+from pipeline.model.codecs import snac as M
 from pipeline.training.discriminators import Adversarial, Discriminators, band_bins
 from pipeline.training.losses import ReconstructionLoss
 

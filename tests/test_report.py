@@ -11,6 +11,7 @@ import torch
 from browser import CHROMIUM, PAGE_CONTENT, Chromium
 
 from pipeline.evaluation import report as R
+from pipeline.model import codecs
 
 SR = 48000
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
@@ -30,15 +31,14 @@ def evaluated(tmp_path_factory):
     from pipeline.data.demo import generate_demo
     from pipeline.data.precompute import run_shard
     from pipeline.evaluation.evaluate import evaluate
-    from pipeline.model import snac48 as M
-    from pipeline.model.codec import save_codec
+    from pipeline.model.codecs import snac as M
     d = tmp_path_factory.mktemp("report")
     generate_demo(d / "demo", seed=3, n_train=1, n_heldout=3, min_seconds=1.0, max_seconds=1.5)
     codec = tiny_codec()
-    save_codec(codec, d / "codec")
-    run_shard(d / "demo/heldout.jsonl", 0, 1, d / "codec", d / "held/shard-000.zarr")
+    codec.save(d / "codec")
+    run_shard(d / "demo/heldout.jsonl", 0, 1, codecs.load(d / "codec"), d / "held/shard-000.zarr")
     for name, init in (("warmup", "smart"), ("full", "random")):
-        M.save_model(M.from_codec(codec, SR, init), d / name)
+        codecs.save_model(M.from_codec(codec, SR, init), d / name)
         steps = range(2, 21, 2)
         (d / name / "metrics.jsonl").write_text("".join(json.dumps(
             {"step": s, "lr": 1e-3, "train/loss": 1 / s, "train/l1": 0.3 / s, **({"val/loss": 1.1 / s} if s % 10 == 0 else {})})

@@ -17,14 +17,14 @@ from conftest import TINY_24K, run, settings, speechlike, tiny_codec
 from safetensors.torch import load_file
 
 from pipeline.data.segments import SegmentBatches
-from pipeline.model import snac48 as M
-from pipeline.model.codec import noise_disabled
+from pipeline.model.codecs import snac as M
 from pipeline.settings import RUNTIME_KEYS, run_settings
 from pipeline.training import checkpoint as C
 from pipeline.training import train as T
 from pipeline.training.guards import Locked, PhaseLock
 from pipeline.training.preflight import PreflightFailed
 from pipeline.training.schedules import lr_lambda
+from pipeline.training.stages import DecoderRun, bf16_split
 
 _STRAIGHT = {}
 
@@ -352,14 +352,12 @@ def test_bf16_split_keeps_the_new_band_45_db_above_its_error():
     model = M.from_codec(tiny_codec(), 48000, "smart").train()
     g = model.geometry
     codes = model.encode(torch.from_numpy(speechlike(1.0, g.codec_rate, 3))[None, None])
-    with noise_disabled(model):
+    pretrained = [s.name for s in model.stages()].index("decoder.new_block")     # the stages before the new block
+    with model.noise_disabled():
         ref = model.decode(codes)[0, 0].numpy()
-        dec = model.decoder
-        dec.bf16_layers = dec.bf16_split()
-        split = dec(model.quantizer.from_codes(codes))
-        dec.bf16_layers = len(dec.model) - 3
-        everything = dec(model.quantizer.from_codes(codes))[0, 0].numpy()
-        dec.bf16_layers = 0
+        assert bf16_split(model) == 3                 # the input convolutions and the first block (375 Hz)
+        split = DecoderRun(model, bf16_split(model))(model.latents(codes))
+        everything = DecoderRun(model, pretrained)(model.latents(codes))[0, 0].numpy()
     assert split.dtype == torch.float32
     split = split[0, 0].numpy()
     for lo in (0, g.codec_rate / 2):
@@ -410,4 +408,4 @@ def test_configured_target_rate_must_be_the_caches(small_cache, tmp_path):
         T.train("warmup", settings(), small_cache / "codec", shards, held, None, tmp_path, target_rate=96000)
 
 
-TINY_GEOMETRY = M.SNAC48(TINY_24K, 48000).geometry
+TINY_GEOMETRY = M.Snac48(TINY_24K, 48000).geometry

@@ -221,7 +221,6 @@ def segment_metrics(model, segments, split_hz: float | None = None, metrics=None
     `BETTER` metric but ViSQOL, which wants segments of a few seconds). ``split_hz`` defaults to
     the model's codec Nyquist frequency. Feed one dict per checkpoint to `rank_sum`."""
     from ..data.segments import collate
-    from ..model.codec import noise_disabled
     metrics = tuple(metrics or (m for m in BETTER if m != "visqol"))
     unknown = set(metrics) - set(BETTER)
     if unknown:
@@ -233,7 +232,7 @@ def segment_metrics(model, segments, split_hz: float | None = None, metrics=None
     model.eval()
     sums, n = dict.fromkeys(metrics, 0.0), 0
     try:
-        with noise_disabled(model):
+        with model.noise_disabled():
             for i in range(0, len(segments), batch_size):
                 codes, target, mask = collate(segments[i:i + batch_size])
                 pred = model.decode([c.to(device) for c in codes]).float()[..., :target.shape[-1]]

@@ -30,8 +30,8 @@ from rich.progress import TextColumn
 from ..data.cache import CACHE_FORMAT, CacheError
 from ..data.segments import SegmentBatches, build_pool, collate, fixed_segments, open_training_cache
 from ..evaluation.report import tb_log_samples
-from ..model.codec import fingerprint, load_codec, noise_disabled, state_digest
-from ..model.snac48 import from_codec, load_model, param_groups, save_model
+from ..model import codecs
+from ..model.codecs.base import state_digest
 from ..model.snake import script_calls
 from ..settings import EVAL_DEFAULTS, check_segment, complete, run_settings, segment_frames
 from ..ui import console, progress
@@ -39,10 +39,12 @@ from . import checkpoint, distributed
 from . import device as dev
 from .device import compile_in_place, compiled, copy_to, fp32_math, set_precision, use_compile
 from .discriminators import Adversarial
+from .groups import lora_config, param_groups
 from .guards import PhaseLock, StopRequest, Stopped, ignore_stop_signals
 from .losses import Padding, ReconstructionLoss
 from .preflight import Preflight
 from .schedules import lr_lambda
+from .stages import DecoderRun
 from .warmstart import read_weights, warm_start
 
 
@@ -95,8 +97,9 @@ class Trainer:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     loss_fn: torch.nn.Module
-    decoder: torch.nn.Module     # model.decoder for training: in DistributedDataParallel with several processes,
-                                 # compiled with `compile` (validation and saving use model.decoder itself)
+    decoder: torch.nn.Module     # the decoder path for training (stages.DecoderRun: precision, checkpointing), in
+                                 # DistributedDataParallel with several processes, compiled with `compile`
+                                 # (validation and saving use the model itself)
     val: list                    # fixed held-out segments
     run: str
     start_weights: str
@@ -125,8 +128,8 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
     pf = Preflight(out / "preflight.json", phase, write=group.main)
 
     # data: the cache must be the one this codec built, at the configured target rate
-    codec = load_codec(codec_dir)
-    fp = fingerprint(codec, target_rate, CACHE_FORMAT)
+    codec = codecs.load(codec_dir, n_q_of(cache_paths))
+    fp = codec.fingerprint(target_rate, CACHE_FORMAT)
     pf.add("codec weights loaded", True, f"{codec_dir} (sha256 {fp['codec_digest'][:12]})")
     try:
         shards = open_training_cache(cache_paths, fp, s["preload"])
@@ -159,14 +162,16 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
 
     # model: the codec with a new block, or the previous phase's output; what trains
     if init_dir:
-        model = load_model(init_dir)
-        same = all(state_digest(part.state_dict()) == state_digest(ref.state_dict())
-                   for part, ref in ((model.encoder, codec.encoder), (model.quantizer, codec.quantizer)))
+        model = codecs.load_model(init_dir)
+        same = type(model).FAMILY == codec.FAMILY and all(
+            state_digest(part.state_dict()) == state_digest(ref.state_dict())
+            for part, ref in zip(model.frozen_parts(), codec.frozen_parts()))
         pf.add("start weights", same, f"{init_dir}" if same else
-               f"{init_dir}: its encoder/quantizer differ from the codec's; the codes would not mean the same thing")
+               f"{init_dir}: its encoder side ({', '.join(p.rstrip('.') for p in codec.FROZEN)}) differs from the "
+               "codec's; the codes would not mean the same thing")
         start_weights = json.loads((Path(init_dir) / "config.json").read_text())["weights_digest"]
     else:
-        model = from_codec(codec, target_rate, s["init"], s["seed"], s["interpolator"])
+        model = codecs.from_codec(codec, target_rate, s["init"], s["seed"], s["interpolator"])
         start_weights = f"{fp['codec_digest']}:{s['init']}"
         how = f"smart init ({s['interpolator']})" if s["init"] == "smart" else f"{s['init']} init"
         pf.add("start weights", True, f"codec + new block, {how}")
@@ -174,9 +179,9 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
         start_weights = warm_start(model, s["init_checkpoint"], s["groups"], pf)
     lora = None
     if s["lora"]["enabled"]:
-        from ..model.lora import LoRAConfig, apply_lora
+        from ..model.lora import apply_lora
         base_digest = model.base_digest()
-        cfg = LoRAConfig(**{k: v for k, v in s["lora"].items() if k != "enabled"})
+        cfg = lora_config(s)
         wrapped = apply_lora(model, cfg, adapter)
         pf.add("LoRA adapters", bool(wrapped), f"{adapter!r}: rank {cfg.rank}, alpha {cfg.alpha} on {len(wrapped)} modules")
         lora = (cfg, adapter, base_digest)
@@ -189,13 +194,12 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
                      for c in counts))
     # device: precision, activation checkpointing, torch.compile
     model.to(device)
-    decoder = model.decoder
+    low, how = set_precision(s["precision"], device, model)
+    decoder = DecoderRun(model, low, s["activation_checkpointing"])
     if group.world > 1:
         decoder = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=[device] if device.type == "cuda" else None)
-    how = set_precision(s["precision"], device, model.decoder)
-    model.decoder.checkpointing = s["activation_checkpointing"]
     if s["activation_checkpointing"]:
-        scripted = [c for m in model.decoder.modules() for c in script_calls(m)]
+        scripted = [c for m in decoder.modules() for c in script_calls(m)]
         pf.add("activation checkpointing", not scripted, "no TorchScript in the decoder's forward" if not scripted else
                f"TorchScript in the decoder's forward breaks the recomputation: {', '.join(sorted(set(scripted)))}")
     fast = use_compile(s["compile"], device)
@@ -242,6 +246,15 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
         t.tb = SummaryWriter(out / "tensorboard", purge_step=t.state["step"] or None)
         truncate_metrics(out / "metrics.jsonl", t.state["step"])
     return t
+
+
+def n_q_of(cache_paths) -> int | None:
+    """The number of codebooks the cache was built with (its fingerprint's n_q: codec.n_q, a
+    precompute setting; a SNAC cache records none: all). One zarr.json read; a shard that has none
+    is reported where the cache is opened."""
+    from ..data.manifest import shard_record
+    record = shard_record(cache_paths[0]) if cache_paths else None
+    return ((record or {}).get("fingerprint") or {}).get("n_q")
 
 
 def new_state(run: str, phase: str) -> dict:
@@ -303,7 +316,7 @@ def train_step(t: Trainer, step: int) -> dict:
         (codes, target, mask), pad, real = next_batch(t)
         # several processes: gradients are averaged on the last micro-batch's backward only
         with t.decoder.no_sync() if t.group.world > 1 and i < s["grad_accum"] - 1 else nullcontext():
-            pred = t.decoder(t.model.quantizer.from_codes(codes))
+            pred = t.decoder(t.model.latents(codes))
             loss, terms = t.loss_fn(pred, target, pad)
             if t.adv and t.adv.active(step):        # one discriminator step per optimizer step
                 terms.update(t.adv.discriminator_step(target, pred, mask, part=(i, s["grad_accum"])))
@@ -373,7 +386,7 @@ def validate(t: Trainer) -> float:
     began = time.perf_counter()
     mine = t.val[t.group.rank::t.group.world]          # split across processes, summed below
     total, n = 0.0, 0
-    with noise_disabled(t.model), fp32_math(t.device):
+    with t.model.noise_disabled(), fp32_math(t.device):
         for i in range(0, len(mine), t.s["batch_size"]):
             codes, target, mask = collate(mine[i:i + t.s["batch_size"]])
             pred = t.model.decode([c.to(t.device) for c in codes])
@@ -454,7 +467,6 @@ def finish(t: Trainer, metrics: dict) -> dict:
         return t.state
     t.tb.close()
     model = t.model.eval()
-    model.decoder.bf16_layers, model.decoder.checkpointing = 0, False
     extra = {"phase": t.phase, "run": t.run, "steps": t.s["steps"], "settings": run_settings(t.s),
              "init": t.start_weights, "best_val": t.state["best"], "nonfinite_skipped": t.state["nonfinite_total"],
              "segments_seen": t.state["segments_seen"], "seconds_seen": round(t.state["seconds_seen"], 3)}
@@ -466,7 +478,7 @@ def finish(t: Trainer, metrics: dict) -> dict:
         cfg, adapter, base_digest = t.lora
         save_lora(model, t.out / "lora_weights.safetensors", cfg, adapter, base_digest=base_digest)
         merge_lora(model)
-    save_model(model, t.out, extra)
+    codecs.save_model(model, t.out, extra)
     checkpoint.mark_finished(checkpoint.step_dir(t.ckdir, t.state["step"]))
     best = f" (best validation {t.state['best'][0][0]:.4f} at step {t.state['best'][0][1]})" if t.state["best"] else ""
     console.print(f"[bold]{t.phase} done[/]: {t.out}/model.safetensors{best}")
