@@ -20,6 +20,33 @@ TINY_24K = dict(sampling_rate=24000, encoder_dim=4, encoder_rates=[2, 4, 8, 8], 
                 vq_strides=[4, 2, 1], noise=True, depthwise=True)
 
 
+# Mimi's time geometry (24 kHz, upsampling ratios [8, 6, 5, 4], 12.5 Hz frames, the 250-step sliding
+# window) at toy width
+TINY_MIMI = dict(hidden_size=16, num_filters=4, num_hidden_layers=1, intermediate_size=32, num_attention_heads=2,
+                 num_key_value_heads=2, head_dim=8, codebook_size=64, codebook_dim=8,
+                 vector_quantization_hidden_dimension=8, num_quantizers=6, upsample_groups=16)
+
+
+@pytest.fixture(scope="session")
+def mimi_dir(tmp_path_factory):
+    """A tiny Mimi saved by transformers' save_pretrained; codebooks random (transformers
+    initialises them to zeros: every latent would get code 0)."""
+    import torch
+    import transformers
+    config = transformers.MimiConfig(**TINY_MIMI)
+    assert config.upsampling_ratios == [8, 6, 5, 4] and config.frame_rate == 12.5 and config.sliding_window == 250
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = transformers.MimiModel(config).eval()
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name.endswith("embed_sum"):
+                    buf.normal_()
+    folder = tmp_path_factory.mktemp("mimi")
+    model.save_pretrained(folder)
+    return folder
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` skip where there is no CUDA device (`python -m pipeline gpu-check` runs
     them on a GPU machine)."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TINY_MIMI as TINY
 from test_train import cubic_interpolation, snr_db
 
 from pipeline.model import codecs
@@ -17,28 +18,7 @@ from pipeline.model.codecs import mimi as M
 from pipeline.model.codecs.base import state_digest
 from pipeline.training.groups import param_groups
 
-TINY = dict(hidden_size=16, num_filters=4, num_hidden_layers=1, intermediate_size=32, num_attention_heads=2,
-            num_key_value_heads=2, head_dim=8, codebook_size=64, codebook_dim=8,
-            vector_quantization_hidden_dimension=8, num_quantizers=6, upsample_groups=16)
 N_Q = 4
-
-
-@pytest.fixture(scope="module")
-def mimi_dir(tmp_path_factory):
-    """A tiny Mimi saved by transformers' save_pretrained; codebooks random (transformers
-    initialises them to zeros: every latent would get code 0)."""
-    config = transformers.MimiConfig(**TINY)
-    assert config.upsampling_ratios == [8, 6, 5, 4] and config.frame_rate == 12.5 and config.sliding_window == 250
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = transformers.MimiModel(config).eval()
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                if name.endswith("embed_sum"):
-                    buf.normal_()
-    folder = tmp_path_factory.mktemp("mimi")
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
