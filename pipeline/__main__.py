@@ -296,7 +296,7 @@ def _run(a) -> int | None:
         from .data.demo import generate_demo
         print(json.dumps(generate_demo(a.out, **a.settings)))
     elif a.command == "demo-codec":
-        from .model.democodec import train_demo_codec
+        from .training.democodec import train_demo_codec
         train_demo_codec(a.manifest, a.out, a.settings, a.device)
     elif a.command == "make-manifest":
         from .data.folder import make_manifest
@@ -365,12 +365,11 @@ def _run(a) -> int | None:
     elif a.command == "gpu-check":
         from .gpucheck import main as gpu_check
         return gpu_check(a.out, a.cpu, a.skip)
-    elif a.command == "bench" and a.what == "memory":
-        from .training.memory import report
-        report(a.configfile)
     elif a.command == "bench":
         from . import bench
-        if a.what == "dag":
+        if a.what == "memory":
+            bench.memory(a.configfile)
+        elif a.what == "dag":
             bench.dag(a.rows, a.shards, a.rounds, a.keep)
         elif a.what == "decode":
             bench.decode(a.model, a.preset, a.clip_seconds, a.rounds, a.push_frames, devices=a.device)

@@ -260,8 +260,8 @@ def _preset_args(work: Path, cpu: bool) -> dict:
 
 
 def bench_memory(work: Path, cpu: bool) -> dict:
-    from .training.memory import report
-    rows = report(_preset_args(work, cpu)["configfiles"], other_checkpointing=True, one_adapter=True)
+    from .bench import memory
+    rows = memory(_preset_args(work, cpu)["configfiles"], other_checkpointing=True, one_adapter=True)
     summary = "; ".join(f"{r['phase']} {r['micro_batch']} x {r['segment_seconds']:g} s x {r['grad_accum']}"
                         f"{' with' if r['checkpointing'] else ' without'} checkpointing: {r['peak_gib']:.1f} GiB"
                         f"{'' if r['fits'] else ' (does NOT fit 80 GB - 10 %)'}" for r in rows)

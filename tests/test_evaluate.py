@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.evaluation.metrics import (BETTER, evaluate_pair, log_spectral_distance, rank_sum, si_sdr,
+from pipeline.training.metrics import (BETTER, evaluate_pair, log_spectral_distance, rank_sum, si_sdr,
                                          segment_metrics, summarize, visqol)
 from pipeline.model import codecs
 from test_losses import broadband          # tones plus white noise across the whole band

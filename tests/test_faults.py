@@ -533,7 +533,7 @@ def test_fifo_in_a_manifest_is_rejected_without_being_opened(fifo_manifest, tiny
     """Before: the shard job (and demo_codec before it) hung forever opening the FIFO, with no
     output. Now anything but a regular file is a reject with its reason, never opened."""
     from pipeline.data import audio as A
-    from pipeline.model.democodec import load_corpus
+    from pipeline.training.democodec import load_corpus
     fifo = tmp_path / "pipe.wav"
     stats = _no_hang(lambda: run_shard(fifo_manifest, 0, 1, codecs.load(tiny_codec_dir), tmp_path / "s.zarr"), fifo)
     assert stats["accepted"] == 1 and stats["rejected"] == 1

@@ -129,7 +129,7 @@ def test_output_chosen_by_rank_sum_and_samples_in_tensorboard(small_cache, tmp_p
     the evaluation's metrics on the validation segments; each validation writes audio and
     spectrograms to TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from pipeline.evaluation import metrics as E
+    from pipeline.training import metrics as E
     calls, real = [], E.segment_metrics
 
     def scored(*a, **kw):

@@ -38,7 +38,7 @@ from ..gpus import pick_device
 from ..model import codecs
 from ..settings import EVAL_DEFAULTS
 from ..ui import console, progress
-from .metrics import BETTER, evaluate_pair, summarize
+from ..training.metrics import BETTER, evaluate_pair, summarize
 
 def metric_names(settings: dict) -> tuple:
     return tuple(m for m in BETTER if m != "visqol" or settings["visqol"])

@@ -28,7 +28,6 @@ from .losses import ReconstructionLoss
 from .stages import DecoderRun, bf16_split
 
 GIB = 1024 ** 3
-GPU_GB = 80          # an H100's memory: the preset must fit it with 10 % headroom
 
 
 def build(codec_config: dict, target_rate: int, s: dict, device, n_q: int | None = None):
@@ -149,64 +148,3 @@ def peak_memory(codec_config: dict, target_rate: int, s: dict, n_q: int | None =
     if torch.cuda.is_available():
         return measure_cuda(codec_config, target_rate, s, n_q)
     return estimate_cpu(codec_config, target_rate, s, n_q=n_q)
-
-
-def preset(configfiles: list, one_adapter: bool = False) -> tuple:
-    """A preset layered over config/config.yaml (as Snakemake does): (config with defaults, the
-    codec's constructor config, where that came from, {phase name: settings} for warmup, full and
-    each LoRA adapter as lora:<name>, or the first alone). Without the codec's weights here, a
-    published codec's shapes by the folder's name (snac_24khz, mimi, ...: random weights, the same
-    speed and memory)."""
-    import json
-    from pathlib import Path
-
-    from ..configdiff import load_config
-    from ..settings import adapter_settings, lora_adapters, phase_settings, with_defaults
-    root = Path(__file__).resolve().parents[2]
-    cfg = with_defaults(load_config([root / "config" / "config.yaml", *configfiles]))
-    folder = cfg["codec"]["pretrained"]
-    if folder and (Path(folder) / "config.json").is_file():
-        codec_cfg, source = json.loads((Path(folder) / "config.json").read_text()), folder
-    elif folder:
-        if Path(folder).name not in codecs.shape_names():
-            raise SystemExit(f"error: codec.pretrained {folder} has no config.json here, and its name is not one of "
-                             f"the published codecs ({', '.join(codecs.shape_names())}) whose shape the benches know")
-        codec_cfg, source = codecs.shapes(Path(folder).name), f"random weights shaped like {Path(folder).name}"
-    else:
-        codec_cfg, source = cfg["codec"]["demo"]["config"], "the demo codec's config"
-    phases = {p: phase_settings(cfg, p) for p in ("warmup", "full")}
-    adapters = list(lora_adapters(cfg)[0])
-    phases.update({f"lora:{a}": adapter_settings(cfg, a) for a in adapters[:1 if one_adapter else None]})
-    return cfg, codec_cfg, source, phases
-
-
-def report(configfiles: list, other_checkpointing: bool = False, one_adapter: bool = False) -> list:
-    """Peak memory per phase of a preset (layered over config/config.yaml, as Snakemake does),
-    with a random-weight codec of the preset's shapes when its weights are not on this machine;
-    other_checkpointing: each phase also with activation checkpointing the other way (marked
-    "what if"), the figures that re-size a preset."""
-    from rich.table import Table
-
-    from ..ui import console
-    cfg, codec_cfg, source, phases = preset(configfiles, one_adapter)
-    how = "measured" if torch.cuda.is_available() else "estimated on the CPU from saved tensors (no GPU here)"
-    t = Table(title=f"peak training memory per process, {how}: {' '.join(map(str, configfiles))} ({source})")
-    for c in ("phase", "micro-batch", "grad_accum", "checkpointing", "precision", "adversarial", "peak GiB",
-              f"fits {GPU_GB:g} GB - 10 %"):
-        t.add_column(c)
-    rows = []
-    if other_checkpointing:
-        phases = {k: v for name, s in phases.items() for k, v in
-                  ((name, s), (f"{name} (what if)", {**s, "activation_checkpointing": not s["activation_checkpointing"]}))}
-    for name, s in phases.items():
-        r = peak_memory(codec_cfg, cfg["codec"]["target_rate"], s, cfg["codec"].get("n_q"))
-        rows.append({"phase": name, "micro_batch": s["batch_size"] // s["nproc_per_node"],
-                     "segment_seconds": s["segment_seconds"], "grad_accum": s["grad_accum"],
-                     "checkpointing": s["activation_checkpointing"], "precision": s["precision"],
-                     "adversarial": s["adversarial"]["enabled"], **r,
-                     "fits": r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9})
-        t.add_row(name, f"{s['batch_size'] // s['nproc_per_node']} x {s['segment_seconds']} s", str(s["grad_accum"]),
-                  str(s["activation_checkpointing"]), s["precision"], str(s["adversarial"]["enabled"]),
-                  f"{r['peak_gib']:.1f}", "yes" if r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9 else "[red]no")
-    console.print(t, width=max(console.width, 130))
-    return rows

@@ -29,7 +29,6 @@ from rich.progress import TextColumn
 
 from ..data.cache import CACHE_FORMAT, CacheError
 from ..data.segments import SegmentBatches, build_pool, collate, fixed_segments, open_training_cache
-from ..evaluation.report import tb_log_samples
 from ..model import codecs
 from ..model.codecs.base import state_digest
 from ..model.snake import script_calls
@@ -39,6 +38,7 @@ from . import checkpoint, distributed
 from . import device as dev
 from .device import compile_in_place, compiled, copy_to, fp32_math, set_precision, use_compile
 from .discriminators import Adversarial
+from .figures import tb_log_samples
 from .groups import lora_config, param_groups
 from .guards import PhaseLock, StopRequest, Stopped, ignore_stop_signals
 from .losses import Padding, ReconstructionLoss
@@ -490,7 +490,7 @@ def select_by_rank_sum(t: Trainer, n_ffts=EVAL_DEFAULTS["n_ffts"],
     """Load, of the kept checkpoints, the one with the best rank-sum over the evaluation's metrics
     (computed with its n_ffts and LSD floor) on the validation segments (ties: the newer);
     -> what was chosen and why."""
-    from ..evaluation.metrics import rank_sum, segment_metrics
+    from .metrics import rank_sum, segment_metrics
     rows = {}
     for d in checkpoint.step_dirs(t.ckdir):
         t.model.load_state_dict(read_weights(d))          # the weights alone, not the optimizer

@@ -21,12 +21,12 @@ import torch
 
 from ..data import audio as A
 from ..data.cache import dump_json
-from ..gpus import pick_device
-from . import codecs
-from ..evaluation.metrics import evaluate_pair
-from ..training.losses import ReconstructionLoss
 from ..data.manifest import parse_manifest
+from ..gpus import pick_device
+from ..model import codecs
 from ..ui import console
+from .losses import ReconstructionLoss
+from .metrics import evaluate_pair
 
 DEFAULTS = {"seed": 0, "config": None, "steps": 600, "batch_size": 8, "segment_seconds": 0.5,
             "lr": 2e-3, "lambdas": {"l1": 1.0, "stft": 1.0, "mel": 1.0},
