@@ -365,6 +365,31 @@ def test_bf16_split_keeps_the_new_band_45_db_above_its_error():
     assert band_snr(ref, everything, g.target_rate, g.codec_rate / 2, g.target_rate / 2) < 45.0
 
 
+def test_setup_in_named_steps_and_the_trainer_owns_precision_and_checkpointing(small_cache, tmp_path):
+    """setup runs data, model, groups, run, optimizer, resume as named steps (its preflight lists
+    them in that order); activation checkpointing and the bf16 split live on the trainer's decoder
+    path (stages.DecoderRun), not on the model, whose own decode stays plain; the run computes
+    what the model computes."""
+    from pipeline.settings import complete
+    from pipeline.training.distributed import Group
+    shards = sorted(str(p) for p in (small_cache / "cache").glob("shard-*.zarr"))
+    held = sorted(str(p) for p in (small_cache / "heldout").glob("shard-*.zarr"))
+    s = complete(settings(activation_checkpointing=True), "train.warmup")
+    t = T.setup("warmup", s, Group(), torch.device("cpu"), small_cache / "codec", 48000, shards, held, None,
+                tmp_path, None, "default")
+    items = [i["item"] for i in json.loads((tmp_path / "preflight.json").read_text())["items"]]
+    order = ["cache = codec's, at codec.target_rate", "start weights", "trainable parameters", "device / precision",
+             "schedule", "resume"]
+    assert [i for i in items if i in order] == order
+    assert isinstance(t.decoder, DecoderRun) and t.decoder.checkpointing and t.decoder.bf16 == 0
+    poked = [n for n, m in t.model.named_modules() for a in ("checkpointing", "bf16", "precision") if a in vars(m)]
+    assert not poked, poked
+    codes = T.collate(t.val[:2])[0]
+    t.model.eval()
+    with t.model.noise_disabled(), torch.no_grad():
+        assert torch.equal(t.decoder(t.model.latents(codes)), t.model.decode(codes))
+
+
 def test_memory_estimate_counts_what_checkpointing_saves():
     """`bench memory` on the CPU: saved activations scale with the micro-batch, and activation
     checkpointing keeps only the blocks' inputs (plus the largest block's activations)."""
