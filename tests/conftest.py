@@ -12,7 +12,11 @@ import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One intra-op thread: the tests' models are tiny, so a second OpenMP thread only adds its barriers,
+# and on a shared 2-core machine a thread that spins at a barrier while the other core is busy
+# elsewhere stalls every op (tests/test_trainer_runs.py: 370 s of calls with 2 threads, 134 s with 1,
+# same load). Subprocesses (CLI commands, torchrun workers) inherit it; Snakemake rules set their own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # snac_24khz's time geometry (hop 512, strides 4/2/1) at toy width: fast, but aligned like the real one
 TINY_24K = dict(sampling_rate=24000, encoder_dim=4, encoder_rates=[2, 4, 8, 8], decoder_dim=32,
