@@ -6,6 +6,7 @@
 # README's main command (final.pt) builds them, and `snakemake --report` works after it.
 
 
+# LINT (common.smk): no conda env or container, {PY} in the shell text
 rule report_items:
     input:
         evaluation=f"{PHASE_DIR}/eval.json",

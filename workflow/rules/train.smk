@@ -17,6 +17,7 @@ TRAIN_SHELL = (
 )
 
 
+# LINT (common.smk): no conda env or container, {PY} in the shell text
 rule train:
     input:
         unpack(train_inputs),
@@ -46,6 +47,7 @@ rule train:
 
 
 # the same job for each named adapter of a phase with adapters (lora): params follow the wildcards
+# LINT (common.smk): no conda env or container, {PY} in the shell text
 use rule train as train_lora with:
     output:
         model=f"{PHASE_DIR}/{{phase}}/{{adapter}}/model.safetensors",
@@ -59,6 +61,7 @@ use rule train as train_lora with:
         f"{BENCH}/train/{{phase}}-{{adapter}}.tsv"
 
 
+# LINT (common.smk): no conda env or container, {PY} in the shell text, hard-coded param source
 rule export_final:
     input:
         model=f"{final_source()}/model.safetensors",
