@@ -240,7 +240,7 @@ def processes(nproc: int, rounds: int = 3, steps: int = 16, batch_size: int = 4)
     CPU), side by side: the same phase through `python -m pipeline train`, alternating rounds."""
     from .data.demo import generate_demo
     from .data.precompute import run_shard
-    from .settings import PHASE_DEFAULTS, TRAIN_DEFAULTS, merge, run_settings, runtime_settings
+    from .settings import phase_settings, run_settings, runtime_settings
     if batch_size % nproc:
         raise ValueError(f"batch {batch_size} does not split over {nproc} processes")
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,10 +250,9 @@ def processes(nproc: int, rounds: int = 3, steps: int = 16, batch_size: int = 4)
         run_shard(tmp / "demo/manifest.jsonl", 0, 1, tmp / "codec", tmp / "cache/shard-000.zarr")
         run_shard(tmp / "demo/heldout.jsonl", 0, 1, tmp / "codec", tmp / "heldout/shard-000.zarr")
         geo = geometry(_demo_config(), TARGET_RATE)
-        s = merge(merge(TRAIN_DEFAULTS, PHASE_DEFAULTS["full"]),
-                  {"steps": steps, "batch_size": batch_size, "segment_seconds": 1.0, "warmup_steps": 1,
-                   "val_every": 10 ** 6, "ckpt_every": 10 ** 6, "log_every": 1, "num_workers": 0,
-                   "n_ffts": [512, 1024, 2048]})
+        s = phase_settings({"train": {"full": {
+            "steps": steps, "batch_size": batch_size, "segment_seconds": 1.0, "warmup_steps": 1, "val_every": 10 ** 6,
+            "ckpt_every": 10 ** 6, "log_every": 1, "num_workers": 0, "n_ffts": [512, 1024, 2048]}}}, "full")
         rates = {1: [], nproc: []}
         for r in range(rounds):
             for n in rates:
@@ -563,11 +562,12 @@ def bench_trainer(phase: str, s: dict, codec_dir, shards: list, out: Path, adapt
     """A Trainer as `python -m pipeline train` builds it (loader, precision, checkpointing,
     compile), on a synthetic cache, its run folder `out` emptied first."""
     from .model.codec import pick_device
+    from .settings import complete
     from .training import train as T
     from .training.distributed import Group
     shutil.rmtree(out, ignore_errors=True)
     with _quiet():
-        return T.setup(phase, T.complete(s, f"train.{phase}"), Group(), pick_device(s["device"]), codec_dir,
+        return T.setup(phase, complete(s, f"train.{phase}"), Group(), pick_device(s["device"]), codec_dir,
                        TARGET_RATE, shards, shards, None, out, None, adapter)
 
 

@@ -115,12 +115,13 @@ def small_cache(tmp_path_factory):
 
 
 def settings(**over):
-    from pipeline.settings import TRAIN_DEFAULTS, merge
+    """A phase's settings for the trainer, complete and checked as pipeline.settings makes them."""
+    from pipeline.settings import TRAIN_DEFAULTS, complete, merge
     base = {"steps": 8, "batch_size": 2, "segment_seconds": 0.25, "warmup_steps": 2, "val_every": 4,
             "val_batches": 1, "ckpt_every": 2, "keep_best": 1, "log_every": 2, "n_ffts": [256, 512],
             "n_mels": 40, "num_workers": 0, "lr": 1e-3,
             "groups": [{"pattern": "decoder.new_block", "trainable": True, "lr_factor": 1.0}]}
-    return merge(merge(TRAIN_DEFAULTS, base), over)
+    return complete(merge(merge(TRAIN_DEFAULTS, base), over), "test")
 
 
 def run(d, phase, s, out, init=None, **kw):

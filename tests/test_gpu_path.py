@@ -52,7 +52,7 @@ def trainer(small_cache, out, device="cpu", **over):
     s = settings(device=device, **over)
     shards = sorted(str(p) for p in (small_cache / "cache").glob("shard-*.zarr"))
     held = sorted(str(p) for p in (small_cache / "heldout").glob("shard-*.zarr"))
-    return T.setup("warmup", T.complete(s, "train.warmup"), Group(), torch.device(device), small_cache / "codec", 48000,
+    return T.setup("warmup", s, Group(), torch.device(device), small_cache / "codec", 48000,
                    shards, held, None, out, None, "default")
 
 

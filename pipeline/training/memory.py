@@ -151,15 +151,16 @@ def peak_memory(codec_config: dict, target_rate: int, s: dict) -> dict:
 
 def preset(configfiles: list, one_adapter: bool = False) -> tuple:
     """A preset layered over config/config.yaml (as Snakemake does): (config with defaults, the
-    codec's constructor config, where that came from, {phase name: settings} for warmup, full and
-    each LoRA adapter as lora:<name>, or the first alone). Without the codec's weights here, an official SNAC model's
-    shapes by the folder's name (random weights: the same speed and memory)."""
+    codec's constructor config, where that came from, {job name: settings} for every training job
+    of the chain, a LoRA adapter as lora:<name> (one_adapter: the first adapter alone)). Without the
+    codec's weights here, an official SNAC model's shapes by the folder's name (random weights: the
+    same speed and memory)."""
     import json
     from pathlib import Path
 
     from ..configdiff import load_config
     from ..model.codec import OFFICIAL_CONFIGS
-    from ..settings import adapter_settings, lora_adapters, phase_settings, with_defaults
+    from ..settings import phase_settings, training_jobs, with_defaults
     root = Path(__file__).resolve().parents[2]
     cfg = with_defaults(load_config([root / "config" / "config.yaml", *configfiles]))
     folder = cfg["codec"]["pretrained"]
@@ -172,9 +173,10 @@ def preset(configfiles: list, one_adapter: bool = False) -> tuple:
         codec_cfg, source = OFFICIAL_CONFIGS[Path(folder).name], f"random weights shaped like {Path(folder).name}"
     else:
         codec_cfg, source = cfg["codec"]["demo"]["config"], "the demo codec's config"
-    phases = {p: phase_settings(cfg, p) for p in ("warmup", "full")}
-    adapters = list(lora_adapters(cfg)[0])
-    phases.update({f"lora:{a}": adapter_settings(cfg, a) for a in adapters[:1 if one_adapter else None]})
+    jobs = training_jobs(cfg)
+    if one_adapter:             # the first adapter of each phase with adapters
+        jobs = [j for j in jobs if j == next(k for k in jobs if k.phase == j.phase)]
+    phases = {j.name: phase_settings(cfg, j.phase, j.adapter) for j in jobs}
     return cfg, codec_cfg, source, phases
 
 
