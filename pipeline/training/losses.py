@@ -85,10 +85,30 @@ def _fit_n_fft(n_fft: int, length: int) -> int:
     return 1 << (int(length).bit_length() - 1)
 
 
+def reflect_pad(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """``F.pad(x, (left, right), mode="reflect")`` along the last dimension, made of slices, flips
+    and a concatenation. The same numbers, but its backward is deterministic on CUDA, where
+    reflection_pad's backward adds with atomics and `torch.use_deterministic_algorithms(True)`
+    (``deterministic: true``) refuses it. Every reflect pad that training differentiates (STFT
+    and mel centring, the period discriminators) goes through here; ``left, right < T``."""
+    if not left and not right:
+        return x
+    if max(left, right) >= x.shape[-1]:
+        raise ValueError(f"reflect padding ({left}, {right}) needs more than {max(left, right)} samples, "
+                         f"got {x.shape[-1]}")
+    return torch.cat([x[..., 1:left + 1].flip(-1), x, x[..., x.shape[-1] - right - 1:-1].flip(-1)], -1)
+
+
+def stft(x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor) -> torch.Tensor:
+    """Complex STFT of ``(B, T)`` audio, centred as ``torch.stft(center=True, pad_mode="reflect")``
+    centres it, through `reflect_pad` (deterministic on CUDA)."""
+    return torch.stft(reflect_pad(x, n_fft // 2, n_fft // 2), n_fft=n_fft, hop_length=hop, win_length=n_fft,
+                      window=window, center=False, return_complex=True)
+
+
 def _stft_mag(x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor, eps: float) -> torch.Tensor:
     """Magnitude STFT ``(B, F, frames)`` of float32 ``(B, T)`` audio, floored at ``sqrt(eps)``."""
-    spec = torch.stft(x, n_fft=n_fft, hop_length=hop, win_length=n_fft, window=window,
-                      center=True, pad_mode="reflect", return_complex=True)
+    spec = stft(x, n_fft, hop, window)
     return torch.sqrt(torch.clamp(spec.real.square() + spec.imag.square(), min=eps))
 
 
@@ -183,11 +203,12 @@ class MelL1Loss(torch.nn.Module):
             sample_rate=self.sample_rate, n_fft=self.n_fft,
             hop_length=hop_length if hop_length is not None else self.n_fft // 4,
             n_mels=n_mels, f_min=f_min, f_max=f_max, power=1.0,
-            window_fn=torch.hann_window, center=True, pad_mode="reflect",
+            window_fn=torch.hann_window, center=False,
         )
 
     def _log_mel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log10(self.mel(x) + self.eps)
+        # centred as center=True would centre it, through reflect_pad (deterministic on CUDA)
+        return torch.log10(self.mel(reflect_pad(x, self.n_fft // 2, self.n_fft // 2)) + self.eps)
 
     def _diff(self, pred, target) -> torch.Tensor:
         p, t = _pair(pred, target)
