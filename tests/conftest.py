@@ -24,14 +24,19 @@ TINY_24K = dict(sampling_rate=24000, encoder_dim=4, encoder_rates=[2, 4, 8, 8], 
                 vq_strides=[4, 2, 1], noise=True, depthwise=True)
 
 
+# fixtures that run the demo DAG through Snakemake (minutes): a test that uses one is `slow`
+END_TO_END = {"built", "copy_of", "slurm_built"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` skip where there is no CUDA device (`python -m pipeline gpu-check` runs
-    them on a GPU machine)."""
+    """Tests that use an END_TO_END fixture are marked `slow` (`pytest -m "not slow"`: the quick
+    run; the others long enough to be slow say so themselves). Tests marked `cuda` skip where there
+    is no CUDA device (`python -m pipeline gpu-check` runs them on a GPU machine)."""
     import torch
-    if torch.cuda.is_available():
-        return
     for item in items:
-        if "cuda" in item.keywords:
+        if END_TO_END & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
