@@ -9,6 +9,8 @@ import os
 import sys
 import traceback
 
+from .settings import PHASES, TRAIN_DEFAULTS
+
 # The commands that run on a GPU when there is one; each drives one device (the first it sees)
 # and, on a machine with several, first claims a free one of its own (pipeline/gpus.py).
 GPU_COMMANDS = ("train", "evaluate", "precompute-shard", "demo-codec", "gpu-check")
@@ -177,12 +179,13 @@ def main(argv=None) -> int:
     c.add_argument("--cache-hours", type=float, default=1.0,
                    help="train: hours of synthetic cache, built once under results/bench/ and reused")
     c.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="train: loader worker counts to measure")
-    c.add_argument("--segment-seconds", type=float, default=4.0, help="train: segment length")
+    c.add_argument("--segment-seconds", type=float, default=TRAIN_DEFAULTS["segment_seconds"],
+                   help="train: segment length (default: the schema's segment_seconds)")
     c.add_argument("--nproc-per-node", type=int, default=None,
                    help="train: compare a training phase run as 1 and as N processes (DDP) instead")
     c.add_argument("--configfile", nargs="+", default=["config/snac_24khz.yaml"],
                    help="memory, throughput, precision: the preset(s), layered over config/config.yaml")
-    c.add_argument("--phases", nargs="+", default=None, choices=["warmup", "full", "lora"],
+    c.add_argument("--phases", nargs="+", default=None, choices=PHASES,
                    help="throughput, precision: these phases only (default: every phase of the preset)")
     c.add_argument("--steps", type=int, default=4, help="throughput, precision: optimizer steps per timed window")
     c.add_argument("--rows", type=int, default=100_000, help="dag: manifest lines")

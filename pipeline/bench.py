@@ -236,7 +236,7 @@ def processes(nproc: int, rounds: int = 3, steps: int = 16, batch_size: int = 4)
     CPU), side by side: the same phase through `python -m pipeline train`, alternating rounds."""
     from .data.demo import generate_demo
     from .data.precompute import run_shard
-    from .settings import PHASE_DEFAULTS, TRAIN_DEFAULTS, merge, run_settings, runtime_settings
+    from .settings import phase_settings, run_settings, runtime_settings
     if batch_size % nproc:
         raise ValueError(f"batch {batch_size} does not split over {nproc} processes")
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,10 +247,9 @@ def processes(nproc: int, rounds: int = 3, steps: int = 16, batch_size: int = 4)
         run_shard(tmp / "demo/manifest.jsonl", 0, 1, codec, tmp / "cache/shard-000.zarr")
         run_shard(tmp / "demo/heldout.jsonl", 0, 1, codec, tmp / "heldout/shard-000.zarr")
         geo = codec.geometry_at(TARGET_RATE)
-        s = merge(merge(TRAIN_DEFAULTS, PHASE_DEFAULTS["full"]),
-                  {"steps": steps, "batch_size": batch_size, "segment_seconds": 1.0, "warmup_steps": 1,
-                   "val_every": 10 ** 6, "ckpt_every": 10 ** 6, "log_every": 1, "num_workers": 0,
-                   "n_ffts": [512, 1024, 2048]})
+        s = phase_settings({"train": {"full": {
+            "steps": steps, "batch_size": batch_size, "segment_seconds": 1.0, "warmup_steps": 1, "val_every": 10 ** 6,
+            "ckpt_every": 10 ** 6, "log_every": 1, "num_workers": 0, "n_ffts": [512, 1024, 2048]}}}, "full")
         rates = {1: [], nproc: []}
         for r in range(rounds):
             for n in rates:
@@ -560,11 +559,12 @@ def bench_trainer(phase: str, s: dict, codec_dir, shards: list, out: Path, adapt
     """A Trainer as `python -m pipeline train` builds it (loader, precision, checkpointing,
     compile), on a synthetic cache, its run folder `out` emptied first."""
     from .gpus import pick_device
+    from .settings import complete
     from .training import train as T
     from .training.distributed import Group
     shutil.rmtree(out, ignore_errors=True)
     with _quiet():
-        return T.setup(phase, T.complete(s, f"train.{phase}"), Group(), pick_device(s["device"]), codec_dir,
+        return T.setup(phase, complete(s, f"train.{phase}"), Group(), pick_device(s["device"]), codec_dir,
                        TARGET_RATE, shards, shards, None, out, None, adapter)
 
 
@@ -673,12 +673,13 @@ GPU_GB = 80          # an H100's memory: a preset must fit it with 10 % headroom
 
 def preset(configfiles: list, one_adapter: bool = False) -> tuple:
     """A preset layered over config/config.yaml (as Snakemake does): (config with defaults, the
-    codec's constructor config, where that came from, {phase name: settings} for warmup, full and
-    each LoRA adapter as lora:<name>, or the first alone). Without the codec's weights here, a
+    codec's constructor config, where that came from, {job name: settings} for every training job
+    of the chain, a LoRA adapter as lora:<name> (one_adapter: the first adapter alone)). Without the
+    codec's weights here, a
     published codec's shapes by the folder's name (snac_24khz, mimi, ...: random weights, the same
     speed and memory)."""
     from .configdiff import load_config
-    from .settings import adapter_settings, lora_adapters, phase_settings, with_defaults
+    from .settings import phase_settings, training_jobs, with_defaults
     root = Path(__file__).resolve().parents[1]
     cfg = with_defaults(load_config([root / "config" / "config.yaml", *configfiles]))
     folder = cfg["codec"]["pretrained"]
@@ -691,9 +692,10 @@ def preset(configfiles: list, one_adapter: bool = False) -> tuple:
         codec_cfg, source = codecs.shapes(Path(folder).name), f"random weights shaped like {Path(folder).name}"
     else:
         codec_cfg, source = cfg["codec"]["demo"]["config"], "the demo codec's config"
-    phases = {p: phase_settings(cfg, p) for p in ("warmup", "full")}
-    adapters = list(lora_adapters(cfg)[0])
-    phases.update({f"lora:{a}": adapter_settings(cfg, a) for a in adapters[:1 if one_adapter else None]})
+    jobs = training_jobs(cfg)
+    if one_adapter:             # the first adapter of each phase with adapters
+        jobs = [j for j in jobs if j == next(k for k in jobs if k.phase == j.phase)]
+    phases = {j.name: phase_settings(cfg, j.phase, j.adapter) for j in jobs}
     return cfg, codec_cfg, source, phases
 
 

@@ -1,8 +1,8 @@
 """config-diff: what each phase really runs with, beside a reference, as a tree.
 
-Reference: the settings every phase shares (code defaults <- train.defaults) or, with
+Reference: the settings every phase shares (the schema's defaults <- train.defaults) or, with
 --against, the same phase in another config. Markers: changed (differs from the reference),
-new (the reference has no such key), default (nobody set it: the code's default), same.
+new (the reference has no such key), default (nobody set it: the schema's default for the phase), same.
 """
 from __future__ import annotations
 

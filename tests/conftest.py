@@ -12,12 +12,20 @@ import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One intra-op thread: the tests' models are tiny, so a second OpenMP thread only adds its barriers,
+# and on a shared 2-core machine a thread that spins at a barrier while the other core is busy
+# elsewhere stalls every op (tests/test_trainer_runs.py: 370 s of calls with 2 threads, 134 s with 1,
+# same load). Subprocesses (CLI commands, torchrun workers) inherit it; Snakemake rules set their own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # snac_24khz's time geometry (hop 512, strides 4/2/1) at toy width: fast, but aligned like the real one
 TINY_24K = dict(sampling_rate=24000, encoder_dim=4, encoder_rates=[2, 4, 8, 8], decoder_dim=32,
                 decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=64, codebook_dim=4,
                 vq_strides=[4, 2, 1], noise=True, depthwise=True)
+
+
+# fixtures that run the demo DAG through Snakemake (minutes): a test that uses one is `slow`
+END_TO_END = {"built", "copy_of", "slurm_built"}
 
 
 # Mimi's time geometry (24 kHz, upsampling ratios [8, 6, 5, 4], 12.5 Hz frames, the 250-step sliding
@@ -48,13 +56,14 @@ def mimi_dir(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` skip where there is no CUDA device (`python -m pipeline gpu-check` runs
-    them on a GPU machine)."""
+    """Tests that use an END_TO_END fixture are marked `slow` (`pytest -m "not slow"`: the quick
+    run; the others long enough to be slow say so themselves). Tests marked `cuda` skip where there
+    is no CUDA device (`python -m pipeline gpu-check` runs them on a GPU machine)."""
     import torch
-    if torch.cuda.is_available():
-        return
     for item in items:
-        if "cuda" in item.keywords:
+        if END_TO_END & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
@@ -88,7 +97,10 @@ def tiny_codec(seed=7, config=TINY_24K):
     from pipeline.model.codecs.snac import geometry
     n = geometry(config, 2 * rate).pad_to * 8
     x = torch.from_numpy(np.stack([speechlike(max(2.0, n / rate + 0.01), rate, seed=s)[:n] for s in range(4)]))[:, None]
-    with torch.no_grad():
+    # the dead-code reset jitters with the global RNG: seeded here, so the codec does not depend on
+    # which tests ran before (a near-tie code then flipped between chunked and whole encodes)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         seen = []
         model.quantize_with_losses(model.encoder(x), seen)
         usage = [torch.zeros(config["codebook_size"], dtype=torch.long) for _ in seen]
@@ -136,12 +148,13 @@ def small_cache(tmp_path_factory):
 
 
 def settings(**over):
-    from pipeline.settings import TRAIN_DEFAULTS, merge
+    """A phase's settings for the trainer, complete and checked as pipeline.settings makes them."""
+    from pipeline.settings import TRAIN_DEFAULTS, complete, merge
     base = {"steps": 8, "batch_size": 2, "segment_seconds": 0.25, "warmup_steps": 2, "val_every": 4,
             "val_batches": 1, "ckpt_every": 2, "keep_best": 1, "log_every": 2, "n_ffts": [256, 512],
             "n_mels": 40, "num_workers": 0, "lr": 1e-3,
             "groups": [{"pattern": "decoder.new_block", "trainable": True, "lr_factor": 1.0}]}
-    return merge(merge(TRAIN_DEFAULTS, base), over)
+    return complete(merge(merge(TRAIN_DEFAULTS, base), over), "test")
 
 
 def run(d, phase, s, out, init=None, **kw):

@@ -97,3 +97,18 @@ def test_writer_refuses_the_missing_chunk_sentinel_and_a_stale_lock_does_not_blo
     w.add("x", audio, codes, **{k: sh.table[k][0] for k in C.TABLE})
     w.close([], {})
     assert not (tmp_path / "s.zarr.lock").exists() and np.array_equal(C.Shard(out).utterance(0)[1], audio)
+
+
+def test_snakemakes_timestamp_in_a_shard_is_no_warning(cache_built, tmp_path):
+    """Snakemake writes .snakemake_timestamp into every directory() output: zarr lists it as a
+    stray object, which printed a ZarrUserWarning per shard in every training log."""
+    import warnings
+    shard = tmp_path / "shard-000.zarr"
+    shutil.copytree(cache_built / "cache" / "shard-000.zarr", shard)
+    (shard / ".snakemake_timestamp").touch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert C.Shard(shard).ids
+    (shard / "stray").write_text("x")            # anything else still warns
+    with pytest.warns(UserWarning, match="stray"):
+        C.Shard(shard)

@@ -335,7 +335,7 @@ def test_decode_float_codes(model_dir, tmp_path):
 # ---- the DAG -----------------------------------------------------------------------------------
 ADAPTERS, _ = lora_adapters(merged_config(REPO))
 TRAINING = ({("train", "phase=warmup"), ("train", "phase=full"), ("evaluate", ""), ("export_final", ""),
-             ("report_items", ""), ("all", "")} | {("train_lora", f"adapter={a}") for a in ADAPTERS})
+             ("report_items", ""), ("all", "")} | {("train_lora", f"phase=lora, adapter={a}") for a in ADAPTERS})
 
 
 # ---- a shard folder deleted after the run ----------------------------------------------------

@@ -66,7 +66,7 @@ def test_attention_families_train_every_phase_resume_and_evaluate(family, tmp_pa
     train("full", full, tmp_path / "warmup")
     lora = {"enabled": True, "rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["decoder.*"]}
     for name in ("a", "b"):
-        train("lora", dict(base, lora=lora, lr=1e-2, groups=[{"pattern": "*.lora_*"}]), tmp_path / "full",
+        train("lora", settings(**dict(base, lora=lora, lr=1e-2, groups=[{"pattern": "*.lora_*"}])), tmp_path / "full",
               adapter=name)
         (tmp_path / "lora").rename(tmp_path / f"lora_{name}")
     model = codecs.load_model(tmp_path / "full")

@@ -45,7 +45,10 @@ def model_for(config, seed=7):
     rate = config["sampling_rate"]
     n = geometry(config, 2 * rate).pad_to * 8
     x = torch.from_numpy(np.stack([speechlike(n / rate + 0.01, rate, seed=s)[:n] for s in range(4)]))[:, None]
-    with torch.no_grad():
+    # the dead-code reset jitters with the global RNG: seeded here, so the codec does not depend on
+    # which tests ran before (a near-tie code then flipped between chunked and whole encodes)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         seen = []
         codec.quantize_with_losses(codec.encoder(x), seen)
         usage = [torch.zeros(config["codebook_size"], dtype=torch.long) for _ in seen]
@@ -62,6 +65,11 @@ def model_dir(tmp_path_factory):
 
 
 # ---- chunking -------------------------------------------------------------------------------
+def differing(codes, ref) -> float:
+    """The share of codes, over all codebooks, that differ from the reference's."""
+    return sum(int((c != r).sum()) for c, r in zip(codes, ref)) / sum(r.numel() for r in ref)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_equals_whole_file(family):
     cfg = FAMILIES[family]
@@ -80,7 +88,10 @@ def test_chunked_equals_whole_file(family):
         spans = list(ch.spans(frames, ch.dec_context))
         assert len(spans) >= 5 and all(v % q == 0 for s in spans for v in (s.lo, s.a, s.hi))
         codes, n = ch.encode(x[i:i + 3001] for i in range(0, len(x), 3001))     # odd block sizes
-        assert n == len(x) and all(torch.equal(c, w) for c, w in zip(codes, whole))
+        # equal up to float rounding: a code whose two nearest codebook entries tie within rounding
+        # may flip (1 of 660 for one seed of the 44 kHz family); without context a tenth or more change
+        assert n == len(x) and [c.shape for c in codes] == [w.shape for w in whole]
+        assert differing(codes, whole) <= 0.01
         y_whole = model.decode(whole)[0, 0].numpy()
         y = np.concatenate(list(ch.decode(whole)))
         assert y.shape == y_whole.shape
@@ -88,7 +99,7 @@ def test_chunked_equals_whole_file(family):
         # without context the seams show: the test would catch a chunker that ignored the reach
         naive = Chunker(model, chunk_seconds, context=((0, 0), (0, 0)))
         assert np.abs(np.concatenate(list(naive.decode(whole))) - y_whole).max() > 1000 * SEAM_TOL
-        assert not all(torch.equal(c, w) for c, w in zip(naive.encode([x])[0], whole))
+        assert differing(naive.encode([x])[0], whole) > 0.05
 
 
 def test_the_model_never_sees_more_than_one_chunk(model_dir):

@@ -64,7 +64,7 @@ def test_fresh_adapter_is_exact_noop_and_merge_matches(kind):
     base = copy.deepcopy(model)
     with torch.no_grad():
         y0 = base(x)
-        names = apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+        names = apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=["*"]))
         assert names
         assert torch.equal(model(x), y0)  # bit-exact before training
         randomize(model)
@@ -98,7 +98,7 @@ def test_merge_really_changes_weight_normed_weights_and_unmerge_restores():
     w0 = conv.weight.detach().clone()
     g0 = conv.parametrizations.weight.original0.detach().clone()
     v0 = conv.parametrizations.weight.original1.detach().clone()
-    apply_lora(model, LoRAConfig(rank=3))
+    apply_lora(model, LoRAConfig(rank=3, targets=["*"]))
     randomize(model)
     layer = model[0]
     with torch.no_grad():

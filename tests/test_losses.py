@@ -120,3 +120,37 @@ def test_cuda_matches_cpu():
         gpu, _ = loss_fn.to("cuda")(y.cuda(), x.cuda())
     assert gpu.dtype == torch.float32
     assert gpu.item() == pytest.approx(cpu.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("left, right", [(0, 0), (3, 3), (0, 5), (7, 1)])
+def test_reflect_pad_is_torchs_reflect_pad(left, right):
+    """The pad the STFT, mel and period discriminators use instead of F.pad(mode="reflect") (whose
+    CUDA backward `deterministic: true` refuses): the same values, the same gradients."""
+    from pipeline.training.spectral import reflect_pad
+    x = torch.randn(2, 1, 12, dtype=torch.float64, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    ours, theirs = reflect_pad(x, left, right), torch.nn.functional.pad(y, (left, right), mode="reflect")
+    assert torch.equal(ours, theirs)
+    g = torch.randn_like(ours)
+    ours.backward(g), theirs.backward(g)
+    torch.testing.assert_close(x.grad, y.grad, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="needs more than 12 samples"):
+        reflect_pad(x, 12, 0)
+
+
+def test_centred_stft_and_mel_equal_torchs_center_true():
+    """The losses' STFT and mel, padded by reflect_pad with center=False, give what torch.stft and
+    torchaudio give with center=True (reflect)."""
+    import torchaudio
+
+    from pipeline.training.spectral import stft
+    x = torch.randn(2, 4000)
+    w = torch.hann_window(512)
+    ref = torch.stft(x, 512, 128, window=w, center=True, pad_mode="reflect", return_complex=True)
+    torch.testing.assert_close(stft(x, 512, 128, w), ref, rtol=0, atol=1e-5)
+    mel = MelL1Loss(16000, n_fft=512, n_mels=40)
+    ref_mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=512, hop_length=128, n_mels=40, power=1.0,
+                                                   center=True, pad_mode="reflect")
+    torch.testing.assert_close(mel.mel(torch.nn.functional.pad(x, (256, 256), mode="reflect")), ref_mel(x),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mel._log_mel(x), torch.log10(ref_mel(x) + mel.eps), rtol=1e-5, atol=1e-5)

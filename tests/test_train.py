@@ -207,7 +207,7 @@ def test_smart_init_head_geometry_survives_save_and_load(tmp_path):
 def test_smart_init_starts_at_the_upsampled_24k_output():
     """Measure: SNR of the 48 kHz output against the soxr upsampling of the 24 kHz decode
     (noise off). Tiny random codec, per clip: smart (cubic) 20.0 dB, smart (hold) 6.9 dB, random
-    -9.9 dB (the demo codec: see snac48.py). Bound: cubic >= hold + 6 dB >= 12 dB, random <= 0 dB."""
+    -9.9 dB (the demo codec: see pipeline/model/codecs/snac.py). Bound: cubic >= hold + 6 dB >= 12 dB, random <= 0 dB."""
     from conftest import speechlike
     codec = tiny_codec()
     models = {"cubic": M.from_codec(codec, 48000, "smart"), "random": M.from_codec(codec, 48000, "random"),

@@ -47,7 +47,7 @@ HELDOUT_SHARD = ("precompute_shard", "cachedir=cache_heldout, shard=000")
 TRAIN_SUMMARY = ("precompute_summary", "sdir=precompute")
 HELDOUT_SUMMARY = ("precompute_summary", "sdir=precompute/heldout")
 ADAPTERS, FINAL_ADAPTER = lora_adapters(merged_config(REPO))
-LORA_JOBS = {("train_lora", f"adapter={a}") for a in ADAPTERS}
+LORA_JOBS = {("train_lora", f"phase=lora, adapter={a}") for a in ADAPTERS}
 AFTER_FULL = LORA_JOBS | {("evaluate", ""), ("export_final", ""), ("report_items", ""), ("all", "")}
 TRAINING = {("train", "phase=warmup"), ("train", "phase=full")} | AFTER_FULL
 ALL_JOBS = ({("demo_data", ""), ("demo_codec", ""), HELDOUT_SHARD, TRAIN_SUMMARY, HELDOUT_SUMMARY}

@@ -52,6 +52,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 import zlib
 from pathlib import Path
 
@@ -59,6 +60,7 @@ import google_crc32c            # zarr's own crc32c (Crc32cCodec): hardware crc3
 import numpy as np
 import zarr
 import zarr.codecs
+import zarr.errors
 
 from ..geometry import geometry_of
 from ..locks import FileLock, Held
@@ -284,7 +286,11 @@ class Shard:
         self.rejects, self.stats = attrs.get("rejects", []), attrs.get("stats", {})
         self.geometry = geometry_of(self.fingerprint)
         self.strides = self.fingerprint["strides"]
-        self._arrays = dict(self.group.arrays())
+        with warnings.catch_warnings():
+            # Snakemake's directory() outputs hold its .snakemake_timestamp file, which zarr lists as
+            # a stray object: one ZarrUserWarning per shard in every training log, saying nothing
+            warnings.filterwarnings("ignore", r"Object at \.snakemake_timestamp ", zarr.errors.ZarrUserWarning)
+            self._arrays = dict(self.group.arrays())
         expected = ["audio", "audio_offsets", *(f"codes_{i}{s}" for i in range(len(self.strides)) for s in ("", "_offsets")),
                     *TABLE, *CHECKS, CHUNK_CHECKS]
         missing = [k for k in expected if k not in self._arrays]

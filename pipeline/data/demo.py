@@ -38,7 +38,7 @@ import os
 import numpy as np
 import soundfile as sf
 
-from ..settings import PRECOMPUTE_DEFAULTS
+from ..settings import DEMO_DEFAULTS, PRECOMPUTE_DEFAULTS
 
 _N_FFT = 1024
 _HOP = _N_FFT // 4
@@ -52,8 +52,10 @@ _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ee"]
 _CODAS = ["", "", "", "n", "s", "t", "r", "m"]
 
 
-def generate_demo(out_dir, seed: int = 1234, n_train: int = 64, n_heldout: int = 8,
-                  rate: int = PRECOMPUTE_DEFAULTS["target_rate"], min_seconds: float = 1.0, max_seconds: float = 4.0) -> dict:
+def generate_demo(out_dir, seed: int = DEMO_DEFAULTS["seed"], n_train: int = DEMO_DEFAULTS["n_train"],
+                  n_heldout: int = DEMO_DEFAULTS["n_heldout"], rate: int = PRECOMPUTE_DEFAULTS["target_rate"],
+                  min_seconds: float = DEMO_DEFAULTS["min_seconds"],
+                  max_seconds: float = DEMO_DEFAULTS["max_seconds"]) -> dict:
     """Write the demo corpus under `out_dir`; return {"train", "heldout", "seconds", "rate"}."""
     seed, n_train, n_heldout, rate = int(seed), int(n_train), int(n_heldout), int(rate)
     if seed < 0:

@@ -68,17 +68,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..settings import TRAIN_DEFAULTS
+
 FORMAT = "snac-lora/1"
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)
 _ADAPTER_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+_DEFAULTS = TRAIN_DEFAULTS["lora"]       # a phase's `lora` block in the schema: its one home
+
+
 @dataclass
 class LoRAConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["*"])
+    rank: int = _DEFAULTS["rank"]
+    alpha: float = _DEFAULTS["alpha"]
+    dropout: float = _DEFAULTS["dropout"]
+    targets: list[str] = field(default_factory=lambda: list(_DEFAULTS["targets"]))
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):

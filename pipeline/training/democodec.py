@@ -24,13 +24,13 @@ from ..data.cache import dump_json
 from ..data.manifest import parse_manifest
 from ..gpus import pick_device
 from ..model import codecs
+from ..settings import DEMO_CODEC_DEFAULTS
 from ..ui import console
 from .losses import ReconstructionLoss
 from .metrics import evaluate_pair
 
-DEFAULTS = {"seed": 0, "config": None, "steps": 600, "batch_size": 8, "segment_seconds": 0.5,
-            "lr": 2e-3, "lambdas": {"l1": 1.0, "stft": 1.0, "mel": 1.0},
-            "codebook_weight": 1.0, "commitment_weight": 0.25, "reset_every": 5, "salient_db": -40.0}
+# codec.demo's defaults (the schema's), and the quantizer's loss weights (VQ-VAE's), which no config sets
+DEFAULTS = {**DEMO_CODEC_DEFAULTS, "codebook_weight": 1.0, "commitment_weight": 0.25}
 SALIENT_TRIES = 8
 
 

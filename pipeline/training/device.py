@@ -1,15 +1,17 @@
 """How a training step uses its device: precision, torch.compile, host-to-device copies.
 
 Precision (`precision`, a run setting: it changes the numbers):
-  * fp32 (the default): IEEE fp32 in every matmul and convolution. PyTorch's own default lets
-    cuDNN run fp32 convolutions in TF32 (10-bit mantissa); here it does not, so fp32 means fp32.
-  * tf32: TF32 in the matmuls and convolutions of CUDA (tensor cores); storage stays fp32.
+  * tf32 (the default): TF32 in the matmuls and convolutions of CUDA (tensor cores); storage
+    stays fp32.
+  * fp32: IEEE fp32 in every matmul and convolution. PyTorch's own default lets cuDNN run fp32
+    convolutions in TF32 (10-bit mantissa); here it does not, so fp32 means fp32.
   * bf16: bf16 autocast over the low-rate start of the decoder path (stages.bf16_split, applied by
     stages.DecoderRun), IEEE fp32 everywhere else.
-  On CPU all three compute in IEEE fp32. Measured on one H200 (notes/gpu.md): the bf16 split took
-  the time fp32 took in every phase, so it buys nothing and fp32 is the default; TF32 waits for
-  the GPU check (`python -m pipeline gpu-check`), which measures its speed and its 12-24 kHz SNR
-  against fp32.
+  On CPU all three compute in IEEE fp32. The default is the fastest precision that keeps the
+  48 kHz output >= 45 dB SNR against fp32 in 12-24 kHz, as `python -m pipeline gpu-check`
+  measured it on one H200 (BENCHMARKS.md, "GPU"): tf32 1.27x fp32's step in warmup and lora and
+  2.75x in full (the discriminators' 2-D convolutions), 48.3-49.3 dB; the bf16 split 1.01-1.04x
+  at 47.4 dB, so it buys nothing.
 
 torch.compile (`compile`, a runtime knob: how a step runs, not what it computes): the decoder's
 training forward (a compiled wrapper; validation and saving use the plain module) and the

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from .spectral import band_bins
+from .spectral import band_bins, reflect_pad, stft
 
 KEYS = ("enabled", "start_step", "loss", "periods", "period_channels", "stft_n_ffts", "stft_channels",
         "band_edges", "lambdas", "lr", "betas", "weight_decay", "lr_decay", "grad_clip")
@@ -66,7 +66,7 @@ class PeriodDiscriminator(nn.Module):
 
     def forward(self, x):
         """(B, 1, T) -> (feature maps, [logits])"""
-        x = F.pad(x, (0, -x.shape[-1] % self.period), mode="reflect")
+        x = reflect_pad(x, 0, -x.shape[-1] % self.period)
         x = x.view(x.shape[0], 1, -1, self.period)
         fmaps = []
         for conv in self.convs:
@@ -90,7 +90,7 @@ class BandSTFTDiscriminator(nn.Module):
 
     def forward(self, x):
         """(B, 1, T) -> (feature maps, [logits per band]); the last band is the new one."""
-        spec = torch.stft(x[:, 0], self.n_fft, self.n_fft // 4, window=self.window, return_complex=True)
+        spec = stft(x[:, 0], self.n_fft, self.n_fft // 4, self.window)
         spec = torch.view_as_real(spec).permute(0, 3, 2, 1)          # (B, re/im, frames, bins)
         fmaps, logits = [], []
         for (lo, hi), stack, post in zip(self.bins, self.stacks, self.posts):

@@ -32,7 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .spectral import as_batch, fit_n_fft, magnitude, mel, no_autocast, pair
+from ..settings import TRAIN_DEFAULTS
+from .spectral import as_batch, fit_n_fft, magnitude, mel, no_autocast, pair, reflect_pad
 
 __all__ = [
     "MultiResolutionSTFTLoss",
@@ -63,7 +64,7 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
     ``<= T`` for that call (window built on the fly, hop scaled with it).
     """
 
-    def __init__(self, n_ffts=(1024, 2048, 4096, 8192), hop_ratio: float = 0.25, eps: float = 1e-7):
+    def __init__(self, n_ffts=tuple(TRAIN_DEFAULTS["n_ffts"]), hop_ratio: float = 0.25, eps: float = 1e-7):
         super().__init__()
         n_ffts = tuple(int(n) for n in n_ffts)
         if not n_ffts or any(n < 2 for n in n_ffts):
@@ -121,6 +122,8 @@ class MelL1Loss(torch.nn.Module):
     padding (``T <= n_fft // 2``) are zero-padded on the right to ``n_fft`` samples.
     """
 
+    # n_fft and n_mels: the evaluation's mel_l1 metric (pipeline/training/metrics.py) is this loss
+    # at its defaults, a fixed measure; the training loss passes the phase's n_mels (ReconstructionLoss)
     def __init__(self, sample_rate: int, n_fft: int = 2048, hop_length: int | None = None,
                  n_mels: int = 128, f_min: float = 0.0, f_max: float | None = None, eps: float = 1e-5):
         super().__init__()
@@ -133,7 +136,8 @@ class MelL1Loss(torch.nn.Module):
                        n_mels, f_min, f_max)
 
     def _log_mel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log10(self.mel(x) + self.eps)
+        # centred as center=True would centre it, through reflect_pad (deterministic on CUDA)
+        return torch.log10(self.mel(reflect_pad(x, self.n_fft // 2, self.n_fft // 2)) + self.eps)
 
     def _diff(self, pred, target) -> torch.Tensor:
         p, t = pair(pred, target)
@@ -179,7 +183,8 @@ class ReconstructionLoss(torch.nn.Module):
     so the step never waits for the GPU to read the mask).
     """
 
-    def __init__(self, sample_rate: int, lambdas: dict, n_ffts=(1024, 2048, 4096, 8192), n_mels: int = 128):
+    def __init__(self, sample_rate: int, lambdas: dict, n_ffts=tuple(TRAIN_DEFAULTS["n_ffts"]),
+                 n_mels: int = TRAIN_DEFAULTS["n_mels"]):
         super().__init__()
         weights: dict[str, float] = {}
         for key, value in dict(lambdas).items():

@@ -53,11 +53,31 @@ def fit_n_fft(n_fft: int, length: int) -> int:
     return 1 << (int(length).bit_length() - 1)
 
 
+def reflect_pad(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """``F.pad(x, (left, right), mode="reflect")`` along the last dimension, made of slices, flips
+    and a concatenation. The same numbers, but its backward is deterministic on CUDA, where
+    reflection_pad's backward adds with atomics and `torch.use_deterministic_algorithms(True)`
+    (``deterministic: true``) refuses it. Every reflect pad that training differentiates (STFT
+    and mel centring, the period discriminators) goes through here; ``left, right < T``."""
+    if not left and not right:
+        return x
+    if max(left, right) >= x.shape[-1]:
+        raise ValueError(f"reflect padding ({left}, {right}) needs more than {max(left, right)} samples, "
+                         f"got {x.shape[-1]}")
+    return torch.cat([x[..., 1:left + 1].flip(-1), x, x[..., x.shape[-1] - right - 1:-1].flip(-1)], -1)
+
+
+def stft(x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor) -> torch.Tensor:
+    """Complex STFT of ``(B, T)`` audio, centred as ``torch.stft(center=True, pad_mode="reflect")``
+    centres it, through `reflect_pad` (deterministic on CUDA)."""
+    return torch.stft(reflect_pad(x, n_fft // 2, n_fft // 2), n_fft=n_fft, hop_length=hop, win_length=n_fft,
+                      window=window, center=False, return_complex=True)
+
+
 def power(x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor) -> torch.Tensor:
     """Power STFT ``(B, F, frames)`` of float32 ``(B, T)`` audio (Hann ``window`` of ``n_fft``,
-    ``center=True``, reflect padding)."""
-    spec = torch.stft(x, n_fft=n_fft, hop_length=hop, win_length=n_fft, window=window,
-                      center=True, pad_mode="reflect", return_complex=True)
+    centred by reflection: `stft`)."""
+    spec = stft(x, n_fft, hop, window)
     return spec.real.square() + spec.imag.square()
 
 
@@ -68,11 +88,13 @@ def magnitude(x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor, eps: 
 
 def mel(sample_rate: int, n_fft: int, hop: int, n_mels: int, f_min: float = 0.0,
         f_max: float | None = None) -> torchaudio.transforms.MelSpectrogram:
-    """The magnitude mel transform (``power=1``), Hann window, ``center=True``, HTK mel scale, no
-    filter normalisation; ``f_max`` defaults to ``sample_rate / 2``."""
+    """The magnitude mel transform (``power=1``), Hann window, HTK mel scale, no filter
+    normalisation; ``f_max`` defaults to ``sample_rate / 2``. It does not centre: give it
+    ``reflect_pad(x, n_fft // 2, n_fft // 2)`` for what ``center=True`` gives (deterministic on
+    CUDA)."""
     return torchaudio.transforms.MelSpectrogram(
         sample_rate=sample_rate, n_fft=n_fft, hop_length=hop, n_mels=n_mels, f_min=f_min, f_max=f_max,
-        power=1.0, window_fn=torch.hann_window, center=True, pad_mode="reflect")
+        power=1.0, window_fn=torch.hann_window, center=False)
 
 
 def band_mask(n_bins: int, sample_rate: int, n_fft: int, band: tuple, device=None) -> torch.Tensor:

@@ -34,7 +34,7 @@ from ..data.segments import SegmentBatches, build_pool, collate, fixed_segments,
 from ..model import codecs
 from ..model.codecs.base import state_digest
 from ..model.snake import script_calls
-from ..settings import EVAL_DEFAULTS, check_segment, complete, run_settings, segment_frames
+from ..settings import EVAL_DEFAULTS, TRAIN_DEFAULTS, check_segment, run_settings, segment_frames
 from ..ui import console, progress
 from . import checkpoint, distributed
 from . import device as dev
@@ -52,12 +52,27 @@ from .warmstart import read_weights, warm_start
 
 def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, *, target_rate,
           resume_from=None, adapter="default", metrics=None) -> dict:
-    """Train one phase into out_dir. `s`: the phase's settings (run settings and runtime knobs);
+    """Train one phase into out_dir. `s`: the job's settings, run settings and runtime knobs
+    together, complete and checked as pipeline.settings.phase_settings returns them (callers that
+    build them by hand: pipeline.settings.complete); they are used as they are.
     target_rate: the configured codec.target_rate (the cache must have been built for it);
     resume_from: a step checkpoint of this same run; adapter: the LoRA adapter's name;
     metrics: the evaluation's `n_ffts` and `lsd_floor_db` that select: rank_sum scores with
-    (default: the eval section's defaults)."""
-    s = complete(s, f"train.{phase}")
+    (default: the eval section's defaults).
+
+    A setting's road from the config to where it acts, e.g. a phase's lr to the optimizer, in six
+    hops, through pipeline/settings.py once:
+      1. config: train.<phase>.lr (or train.defaults.lr, or the schema's default)
+      2. settings.phase_settings, at parse time: layered, filled in, checked (a mistake stops the
+         workflow before any job, naming the key), split into run settings and runtime knobs
+      3. the train rule's params `settings` and `runtime` (JSON; the former is the run's identity)
+      4. `python -m pipeline train --settings ... --runtime ...`
+      5. train(s) -> setup(s)
+      6. param_groups(model, s["groups"], s["lr"]) -> torch.optim.AdamW"""
+    missing = sorted({*TRAIN_DEFAULTS, "source_weights"} - s.keys())
+    if missing:
+        raise ValueError(f"train.{phase}: settings without {', '.join(missing)}: build them with "
+                         "pipeline.settings.phase_settings (or settings.complete)")
     out = Path(out_dir)
     group, device = distributed.init(s["device"])
     console.quiet = not group.main                 # rank 0 speaks and writes for all

@@ -16,9 +16,9 @@ from snakemake.io import IOFile
 from snakemake.logging import logger
 
 from pipeline.data.manifest import ShardIndex, check_heldout_disjoint, shard_record
-from pipeline.settings import (PHASE_CHAIN, PHASES, PRECOMPUTE_DEFAULTS, adapter_settings, lora_adapters,
-                               manifest_entries, phase_settings, run_settings, runtime_settings,
-                               split_runtime, with_defaults)
+from pipeline.settings import (ADAPTER_PHASES, PHASE_CHAIN, PHASES, PRECOMPUTE_DEFAULTS, SINGLE_JOB_PHASES, Job,
+                               final_job, manifest_entries, phase_settings, run_settings, runtime_settings,
+                               split_runtime, training_jobs, with_defaults)
 
 config.update(with_defaults(config))      # the schema's defaults (validated without filling them in)
 
@@ -28,6 +28,24 @@ LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 # quoted: an interpreter inside a path with a space (a venv in "My Projects/") runs every rule
 PY = f"{shlex.quote(sys.executable)} -m pipeline"
+
+# LINT: what `snakemake --lint` still reports on the rules is kept on purpose, for these reasons;
+# a comment above each rule points here.
+# - "Specify a conda environment or container for each rule." Every job runs this package from
+#   the one virtual environment the README's set-up command installs with pip (torch with the
+#   CUDA build that suits the machine, and the rest); an environment per rule would repeat it
+#   (gigabytes each) and could resolve another torch than the one the tests ran with.
+# - "Shell command directly uses variable PY (DEMO_DIR, RESULTS) from outside of the rule." PY is
+#   the interpreter Snakemake itself runs under, a fact of the machine, not of the results: as a
+#   param it would be recorded, and a venv moved elsewhere would rerun everything. And Snakemake
+#   records the text of each shell command (rerun trigger `code`): rewriting {PY}, {DEMO_DIR} or
+#   {RESULTS} as params would rerun every finished job once, for nothing it computes.
+# - "Param codec (out, source) is a prefix of input or output file but hardcoded." The workflow
+#   runs on one shared filesystem (locally, or under SLURM with workflow/profiles/slurm), never on
+#   remote storage, where such a prefix would break. Derived from the input or output instead, the
+#   param would become a derived one, which Snakemake leaves out of its record of params: every
+#   finished job would rerun once for "Params have changed".
+
 # parse-time caches (never read by a rule): the manifest index, passed config checks
 INDEX_CACHE = ".snakemake/phase11-manifest-index"
 CHECK_CACHE = ".snakemake/phase11-checked"
@@ -240,37 +258,71 @@ def precompute_runtime():
 
 
 # ---- training ------------------------------------------------------------------------------
+# The jobs follow the phase chain (pipeline.settings.PHASE_CHAIN, declared in the schema): rule
+# train runs the phases of one job each, rule train_lora one job per named adapter of a phase with
+# adapters (its name is the profiles'). No phase is named here.
 PHASE_DIR = f"{RESULTS}/phase11"
 TARGET_RATE = config["codec"]["target_rate"]
 
 
+def job_of(wc):
+    """The training job of a train or train_lora job's wildcards."""
+    return Job(wc.phase, getattr(wc, "adapter", None))
+
+
+def job_dir(job):
+    return f"{PHASE_DIR}/{job.folder}"
+
+
+def previous_phase_dir(phase):
+    prev = PHASE_CHAIN[phase].after
+    return f"{PHASE_DIR}/{prev}" if prev else None
+
+
 @functools.lru_cache(maxsize=None)       # the config is fixed once parsed; callers only read it
-def settings_of(phase, adapter=None):
-    return adapter_settings(config, adapter) if adapter else phase_settings(config, phase)
+def settings_of(job):
+    """A training job's settings, complete and checked (pipeline.settings.phase_settings): the one
+    place they are built; the rule's params carry them to the trainer as they are."""
+    return phase_settings(config, job.phase, job.adapter)
 
 
-def run_json(phase, adapter=None):
-    """A phase's run settings: a rule param, so changing one reruns that phase and the later ones."""
-    return json.dumps(run_settings(settings_of(phase, adapter)), sort_keys=True)
+def run_json(job):
+    """A job's run settings: a rule param, so changing one reruns that phase and the later ones."""
+    return json.dumps(run_settings(settings_of(job)), sort_keys=True)
 
 
-def select_arg(phase, adapter=None):
+def select_arg(job):
     """select: rank_sum scores the kept checkpoints with the evaluation's metrics: then (only then)
     their settings are a param of the phase, so changing them reruns it."""
-    if settings_of(phase, adapter)["select"] != "rank_sum":
+    if settings_of(job)["select"] != "rank_sum":
         return ""
-    return "--metrics " + shlex.quote(json.dumps({k: config["eval"][k] for k in ("n_ffts", "lsd_floor_db")},
-                                                 sort_keys=True))
+    metrics = json.dumps({k: config["eval"][k] for k in ("n_ffts", "lsd_floor_db")}, sort_keys=True)
+    return f"--metrics {shlex.quote(metrics)}"
 
 
-def runtime_json(phase, adapter=None):
-    """A phase's runtime knobs, for a param whose function takes `resources`: Snakemake treats such
+def runtime_json(job):
+    """A job's runtime knobs, for a param whose function takes `resources`: Snakemake treats such
     a param as derived and never reruns a job because it changed."""
-    return json.dumps(runtime_settings(settings_of(phase, adapter)), sort_keys=True)
+    return json.dumps(runtime_settings(settings_of(job)), sort_keys=True)
+
+
+def init_arg(job):
+    """The previous phase's output (none for the first phase), and the adapter a job trains."""
+    prev = previous_phase_dir(job.phase)
+    return " ".join(([f"--init {prev}"] if prev else []) + ([f"--adapter {job.adapter}"] if job.adapter else []))
+
+
+def train_inputs(wc):
+    d = dict(codec=codec_files(), cache=shard_paths("train"), heldout=shard_paths("heldout"))
+    prev = previous_phase_dir(wc.phase)
+    if prev:
+        d["init"] = f"{prev}/model.safetensors"
+    return d
 
 
 try:
-    ADAPTERS, FINAL_ADAPTER = lora_adapters(config)
+    JOBS = training_jobs(config)
+    FINAL = final_job(config)
 except ValueError as e:
     raise WorkflowError(str(e))
 
@@ -293,8 +345,7 @@ def check_groups():
     before the first job runs. A passed check is remembered under .snakemake/ (keyed by the codec
     config, the phases' settings and the checking code): importing torch and building the model on
     the meta device cost more than the rest of a million-row dry run."""
-    phases = {f"train.{p}": phase_settings(config, p) for p in PHASES if p != "lora"}
-    phases.update({f"lora.adapters.{a}": adapter_settings(config, a) for a in ADAPTERS})
+    phases = {job.where: settings_of(job) for job in JOBS}
     cfg = codec_config()
     model_code = hashlib.sha256()
     for f in sorted(glob.glob(f"{workflow.basedir}/pipeline/model/**/*.py", recursive=True)) + \
@@ -329,15 +380,15 @@ if workflow.is_main_process:      # not again inside every cluster job, which re
 
 
 def final_source():
-    """What final.pt holds: the full phase with the named adapter merged, or without (final: null)."""
-    return f"{PHASE_DIR}/lora/{FINAL_ADAPTER}" if FINAL_ADAPTER else f"{PHASE_DIR}/full"
+    """What final.pt holds (pipeline.settings.final_job): the lora phase with the named adapter
+    merged, or the phase before it (lora.final: null)."""
+    return job_dir(FINAL)
 
 
 def eval_models():
-    """name -> phase output folder, for the evaluation table: every phase of the chain (each LoRA
-    adapter but the one merged into final.pt as lora:<name>), then final."""
-    m = {p: f"{PHASE_DIR}/{p}" for p in PHASES if p != "lora"}
-    m.update({f"lora:{a}": f"{PHASE_DIR}/lora/{a}" for a in ADAPTERS if a != FINAL_ADAPTER})
+    """name -> output folder, for the evaluation table: every training job (a LoRA adapter as
+    lora:<name>) but the adapter merged into final.pt, then final."""
+    m = {job.name: job_dir(job) for job in JOBS if not (job.adapter and job == FINAL)}
     m["final"] = final_source()
     return m
 
@@ -345,3 +396,19 @@ def eval_models():
 def all_targets():
     return [f"{PHASE_DIR}/final.pt", f"{PHASE_DIR}/eval.json",
             f"{RESULTS}/precompute/summary.json", f"{RESULTS}/precompute/heldout/summary.json"]
+
+
+# ---- report --------------------------------------------------------------------------------
+REPORT_DIR = f"{RESULTS}/report"
+N_CLIPS = config["eval"]["report_clips"]
+
+
+def report_phases():
+    """name -> folder of every training job (its metrics.jsonl gives the curves); a LoRA adapter's
+    name is lora-<adapter> (it names a file)."""
+    return {job.name.replace(":", "-"): job_dir(job) for job in JOBS}
+
+
+def report_targets():
+    return ([f"{REPORT_DIR}/evaluation.html"] + [f"{REPORT_DIR}/clip-{k:02d}.html" for k in range(N_CLIPS)]
+            + [f"{REPORT_DIR}/curves-{n}.png" for n in report_phases()])

@@ -2,6 +2,7 @@
 # from the manifest it writes.
 
 
+# LINT (common.smk): no conda env or container, {PY} and {DEMO_DIR} in the shell text
 checkpoint demo_data:
     output:
         manifest=f"{DEMO_DIR}/manifest.jsonl",
@@ -16,6 +17,7 @@ checkpoint demo_data:
         "{PY} demo-data --out {DEMO_DIR} --settings {params.settings:q} 2>&1 | tee {log}"
 
 
+# LINT (common.smk): no conda env or container, {PY} in the shell text, hard-coded param out
 rule demo_codec:
     input:
         # ancient: editing one manifest line must rerun its shard only, not retrain the codec

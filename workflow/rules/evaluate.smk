@@ -3,6 +3,7 @@
 # report. It runs before the export, so asking for final.pt also produces the evaluation table.
 
 
+# LINT (common.smk): no conda env or container, {PY} in the shell text, hard-coded param codec
 rule evaluate:
     input:
         codec=codec_files(),

@@ -7,6 +7,7 @@
 # file reruns only its shard). See common.smk (shard_index) and pipeline/data/manifest.py.
 
 
+# LINT (common.smk): no conda env or container, {PY} in the shell text, hard-coded param codec
 rule precompute_shard:
     input:
         manifest=shard_manifests,
@@ -33,6 +34,7 @@ rule precompute_shard:
         " --out {output:q} --settings {params.settings:q} --runtime {params.runtime:q} 2>&1 | tee {log}"
 
 
+# LINT (common.smk): no conda env or container, {PY} and {RESULTS} in the shell text
 rule precompute_summary:
     input:
         manifest=lambda wc: manifest_of(SUMMARY_SPLIT[wc.sdir]),

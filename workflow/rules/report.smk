@@ -4,23 +4,9 @@
 # HTML item, so each clip page carries its images and FLACs as data URIs (and stays under the
 # 2 MiB Chromium allows an iframe's data: URL). rule export_final takes them as inputs: the
 # README's main command (final.pt) builds them, and `snakemake --report` works after it.
-REPORT_DIR = f"{RESULTS}/report"
-N_CLIPS = config["eval"]["report_clips"]
 
 
-def report_phases():
-    """name -> folder of every training job (its metrics.jsonl gives the curves); a LoRA adapter's
-    name is lora-<adapter> (it names a file)."""
-    d = {p: f"{PHASE_DIR}/{p}" for p in PHASES if p != "lora"}
-    d.update({f"lora-{a}": f"{PHASE_DIR}/lora/{a}" for a in ADAPTERS})
-    return d
-
-
-def report_targets():
-    return ([f"{REPORT_DIR}/evaluation.html"] + [f"{REPORT_DIR}/clip-{k:02d}.html" for k in range(N_CLIPS)]
-            + [f"{REPORT_DIR}/curves-{n}.png" for n in report_phases()])
-
-
+# LINT (common.smk): no conda env or container, {PY} in the shell text
 rule report_items:
     input:
         evaluation=f"{PHASE_DIR}/eval.json",

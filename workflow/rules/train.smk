@@ -1,23 +1,10 @@
-# The phase chain (pipeline.settings.PHASE_CHAIN): warmup (new block only) -> full (whole
-# decoder) -> lora/<adapter> (one job per named adapter), each from the previous phase's output.
-# A phase's run settings are its params: changing one reruns that phase and, through their
-# inputs, the later ones; its runtime knobs (workers, device, intervals) are a derived param
-# (a function of `resources`), which Snakemake never reruns a job for. Step checkpoints live in
-# <phase dir>/checkpoints/, NOT a declared output (Snakemake deletes declared outputs before a
-# rerun), so a killed job rerun with --rerun-incomplete resumes from its last step.
-
-
-def previous_phase_dir(phase):
-    prev = PHASE_CHAIN[phase]
-    return f"{PHASE_DIR}/{prev}" if prev else None
-
-
-def train_inputs(wc):
-    d = dict(codec=codec_files(), cache=shard_paths("train"), heldout=shard_paths("heldout"))
-    prev = previous_phase_dir(getattr(wc, "phase", "lora"))
-    if prev:
-        d["init"] = f"{prev}/model.safetensors"
-    return d
+# The phase chain (pipeline.settings.PHASE_CHAIN, declared in the schema's `train` section; today
+# warmup: new block only -> full: whole decoder -> lora: one job per named adapter), each phase
+# from the previous phase's output. A job's run settings are its params: changing one reruns that
+# phase and, through their inputs, the later ones; its runtime knobs (workers, device, intervals)
+# are a derived param (a function of `resources`), which Snakemake never reruns a job for. Step
+# checkpoints live in <phase dir>/checkpoints/, NOT a declared output (Snakemake deletes declared
+# outputs before a rerun), so a killed job rerun with --rerun-incomplete resumes from its last step.
 
 
 # `trap '' TERM USR1`: on preemption SLURM signals every process of the job; the shell and tee
@@ -30,6 +17,7 @@ TRAIN_SHELL = (
 )
 
 
+# LINT (common.smk): no conda env or container, {PY} in the shell text
 rule train:
     input:
         unpack(train_inputs),
@@ -37,19 +25,19 @@ rule train:
         model=f"{PHASE_DIR}/{{phase}}/model.safetensors",
         config=f"{PHASE_DIR}/{{phase}}/config.json",
     wildcard_constraints:
-        phase="|".join(p for p in PHASES if p != "lora"),
+        phase="|".join(SINGLE_JOB_PHASES),
     params:
         phase=lambda wc: wc.phase,
-        settings=lambda wc: run_json(wc.phase),
-        runtime=lambda wc, resources: runtime_json(wc.phase),
+        settings=lambda wc: run_json(job_of(wc)),
+        runtime=lambda wc, resources: runtime_json(job_of(wc)),
         codec=codec_dir(),
         target_rate=TARGET_RATE,
-        init=lambda wc: f"--init {previous_phase_dir(wc.phase)}" if previous_phase_dir(wc.phase) else "",
-        select=lambda wc: select_arg(wc.phase),
-        out=lambda wc: f"{PHASE_DIR}/{wc.phase}",
+        init=lambda wc: init_arg(job_of(wc)),
+        select=lambda wc: select_arg(job_of(wc)),
+        out=lambda wc: job_dir(job_of(wc)),
     threads: 2
     resources:
-        gpu=lambda wc: settings_of(wc.phase)["nproc_per_node"],     # the processes torchrun starts
+        gpu=lambda wc: settings_of(job_of(wc))["nproc_per_node"],     # the processes torchrun starts
     log:
         f"{LOGS}/train/{{phase}}.log",
     benchmark:
@@ -58,37 +46,29 @@ rule train:
         TRAIN_SHELL
 
 
+# the same job for each named adapter of a phase with adapters (lora): params follow the wildcards
+# LINT (common.smk): no conda env or container, {PY} in the shell text
 use rule train as train_lora with:
-    input:
-        unpack(train_inputs),
     output:
-        model=f"{PHASE_DIR}/lora/{{adapter}}/model.safetensors",
-        config=f"{PHASE_DIR}/lora/{{adapter}}/config.json",
-        lora=f"{PHASE_DIR}/lora/{{adapter}}/lora_weights.safetensors",
-    params:
-        phase="lora",
-        settings=lambda wc: run_json("lora", wc.adapter),
-        runtime=lambda wc, resources: runtime_json("lora", wc.adapter),
-        codec=codec_dir(),
-        target_rate=TARGET_RATE,
-        init=lambda wc: f"--init {previous_phase_dir('lora')} --adapter {wc.adapter}",
-        select=lambda wc: select_arg("lora", wc.adapter),
-        out=lambda wc: f"{PHASE_DIR}/lora/{wc.adapter}",
-    resources:
-        gpu=lambda wc: settings_of("lora", wc.adapter)["nproc_per_node"],
+        model=f"{PHASE_DIR}/{{phase}}/{{adapter}}/model.safetensors",
+        config=f"{PHASE_DIR}/{{phase}}/{{adapter}}/config.json",
+        lora=f"{PHASE_DIR}/{{phase}}/{{adapter}}/lora_weights.safetensors",
+    wildcard_constraints:
+        phase="|".join(ADAPTER_PHASES),
     log:
-        f"{LOGS}/train/lora-{{adapter}}.log",
+        f"{LOGS}/train/{{phase}}-{{adapter}}.log",
     benchmark:
-        f"{BENCH}/train/lora-{{adapter}}.tsv"
+        f"{BENCH}/train/{{phase}}-{{adapter}}.tsv"
 
 
+# LINT (common.smk): no conda env or container, {PY} in the shell text, hard-coded param source
 rule export_final:
     input:
         model=f"{final_source()}/model.safetensors",
         evaluation=f"{PHASE_DIR}/eval.json",
         # the report's items (report.smk) come with final.pt, so that `snakemake --report` works
-        # after the README's main command; a function, as report.smk is included after this file
-        report=lambda wc: report_targets(),
+        # after the README's main command
+        report=report_targets(),
     output:
         final=f"{PHASE_DIR}/final.pt",
         model=f"{PHASE_DIR}/model.safetensors",
