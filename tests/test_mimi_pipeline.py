@@ -120,12 +120,11 @@ def test_the_preset_fits_mimi48s_names_and_trains_its_whole_decoder_path():
     from conftest import ROOT
 
     from pipeline.configdiff import load_config
-    from pipeline.settings import adapter_settings, check_segment, lora_adapters, phase_settings, with_defaults
+    from pipeline.settings import check_segment, phase_settings, training_jobs, with_defaults
     from pipeline.training.groups import check_phase_groups, param_groups
     cfg = with_defaults(load_config([ROOT / "config" / f for f in ("config.yaml", "snac_24khz.yaml", "mimi_24khz.yaml")]))
     assert cfg["codec"]["pretrained"] == "/models/mimi" and cfg["codec"]["n_q"] is None
-    phases = {p: phase_settings(cfg, p) for p in ("warmup", "full")}
-    phases.update({f"lora:{a}": adapter_settings(cfg, a) for a in lora_adapters(cfg)[0]})
+    phases = {j.name: phase_settings(cfg, j.phase, j.adapter) for j in training_jobs(cfg)}
     shapes = codecs.shapes("mimi")
     check_phase_groups(shapes, 48000, phases)
     geo = codecs.geometry(shapes, 48000)
