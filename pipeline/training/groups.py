@@ -9,6 +9,7 @@ import torch
 
 from ..model import codecs
 from ..model.lora import LoRAConfig, apply_lora
+from ..settings import GROUP_DEFAULTS
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -24,6 +25,7 @@ def param_groups(model, groups: list, lr: float):
     matched by two patterns, or a trainable parameter of the codec's frozen parts (its family's
     FROZEN prefixes: the encoder and quantizer, for Mimi also its encoder transformer and
     downsampling) is a config error."""
+    groups = [{**GROUP_DEFAULTS, **g} for g in groups]       # trainable, lr_factor: the schema's defaults
     owner, counts, out = {}, [], []
     names = [n for n, _ in model.named_parameters()]
     for g in groups:
@@ -36,7 +38,7 @@ def param_groups(model, groups: list, lr: float):
                 raise ValueError(f"group patterns {owner[n]!r} and {pat!r} overlap (both match {n})")
             owner[n] = pat
         frozen = [n for n in hits if n.startswith(model.FROZEN)]
-        if g.get("trainable", True) and frozen:
+        if g["trainable"] and frozen:
             raise ValueError(f"group pattern {pat!r} would train {frozen[0]}: the codec's encoder side "
                              f"({', '.join(p.rstrip('.') for p in model.FROZEN)}) stays frozen, so that the codes keep "
                              "their meaning")
@@ -45,7 +47,7 @@ def param_groups(model, groups: list, lr: float):
         p.requires_grad_(False)
     for g in groups:
         mine = [n for n, pat in owner.items() if pat == g["pattern"]]
-        trainable, factor = g.get("trainable", True), float(g.get("lr_factor", 1.0))
+        trainable, factor = g["trainable"], float(g["lr_factor"])
         counts.append({"pattern": g["pattern"], "params": sum(params[n].numel() for n in mine),
                        "trainable": trainable, "lr_factor": factor})
         if trainable:

@@ -16,6 +16,8 @@ import importlib
 import json
 from pathlib import Path
 
+from ...settings import TRAIN_DEFAULTS
+
 FAMILIES = ("snac", "mimi")
 
 
@@ -81,7 +83,8 @@ def geometry(config: dict, target_rate: int, n_q: int | None = None):
     return family(family_of_config(config)).geometry(config, target_rate, n_q)
 
 
-def from_codec(codec, target_rate: int, init: str = "smart", seed: int = 0, interpolator: str = "cubic"):
+def from_codec(codec, target_rate: int, init: str = TRAIN_DEFAULTS["init"], seed: int = TRAIN_DEFAULTS["seed"],
+               interpolator: str = TRAIN_DEFAULTS["interpolator"]):
     """The 48 kHz model of a loaded codec: its weights, a new block (smart or random init)."""
     return family(codec.FAMILY).from_codec(codec, target_rate, init, seed, interpolator)
 

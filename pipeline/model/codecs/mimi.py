@@ -69,6 +69,7 @@ from transformers.models.mimi.modeling_mimi import (MimiConv1d, MimiConvTranspos
                                                     MimiResnetBlock)
 
 from ...geometry import Geometry
+from ...settings import TRAIN_DEFAULTS
 from .base import Codec, Model48, Stage, freeze, reach
 from .heads import INTERPOLATORS, RESIDUAL_GAIN, check_init, head_taps
 
@@ -378,8 +379,8 @@ class Mimi48(Model48, Mimi):
         return sd
 
 
-def from_codec(codec: Mimi, target_rate: int, init: str = "smart", seed: int = 0,
-               interpolator: str = "cubic") -> Mimi48:
+def from_codec(codec: Mimi, target_rate: int, init: str = TRAIN_DEFAULTS["init"],
+               seed: int = TRAIN_DEFAULTS["seed"], interpolator: str = TRAIN_DEFAULTS["interpolator"]) -> Mimi48:
     """A 48 kHz model whose pretrained parts are the codec's weights, new block initialised."""
     check_init(init, interpolator)
     with torch.random.fork_rng(devices=[]):
@@ -395,7 +396,7 @@ def from_codec(codec: Mimi, target_rate: int, init: str = "smart", seed: int = 0
 
 
 @torch.no_grad()
-def smart_init(model: Mimi48, interpolator: str = "cubic") -> None:
+def smart_init(model: Mimi48, interpolator: str = TRAIN_DEFAULTS["interpolator"]) -> None:
     dec, r = model.decoder, model.decoder.factor
     up = dec.new_block[0].conv
     assert dec.new_block[0].padding_left == 0 and dec.new_block[0].padding_right == r   # causal trim

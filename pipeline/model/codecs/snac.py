@@ -79,6 +79,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...geometry import Geometry
+from ...settings import TRAIN_DEFAULTS
 from ..snake import Snake1d, use_snake
 from .base import Codec, Model48, Stage, decode_reach, freeze, reach, state_digest
 from .heads import RESIDUAL_GAIN, check_init, head_size, head_taps, spread_taps
@@ -390,8 +391,8 @@ class Snac48(Model48, Snac):
         return sd
 
 
-def from_codec(codec: Snac, target_rate: int, init: str = "smart", seed: int = 0,
-               interpolator: str = "cubic") -> Snac48:
+def from_codec(codec: Snac, target_rate: int, init: str = TRAIN_DEFAULTS["init"],
+               seed: int = TRAIN_DEFAULTS["seed"], interpolator: str = TRAIN_DEFAULTS["interpolator"]) -> Snac48:
     """A 48 kHz model whose pretrained parts are the codec's weights, new block initialised;
     `interpolator` (smart init only): the step-0 upsampling of the codec's output, cubic or hold."""
     check_init(init, interpolator)
@@ -443,7 +444,7 @@ def widen_head(conv: nn.Module, r: int, interpolator: str) -> nn.Module:
 
 
 @torch.no_grad()
-def smart_init(model: Snac48, interpolator: str = "cubic") -> None:
+def smart_init(model: Snac48, interpolator: str = TRAIN_DEFAULTS["interpolator"]) -> None:
     blk = model.decoder.new_block.block
     last = [m for m in model.decoder.model if isinstance(m, DecoderBlock)][-1].block
     snake, up = blk[0], blk[1]
