@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 
 from pipeline.data import manifest as M
 from pipeline.data.manifest import ShardIndex, parse_manifest, rows_digest, shard_of, shard_rows
@@ -256,6 +257,7 @@ def _snakemake(root, *extra, target="results/phase11/final.pt"):
     return r
 
 
+@pytest.mark.slow
 def test_20k_rows_shard_jobs_take_digests_not_audio_inputs(tmp_path):
     """The synthetic corpus of `bench dag` (each row its own hard-linked WAV), 8 shards: one job per
     shard whose inputs are the manifest and the codec; everything built -> nothing to do; one

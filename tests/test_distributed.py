@@ -72,6 +72,7 @@ def metric(out, key):
     return [json.loads(l).get(key) for l in p.read_text().splitlines()] if p.exists() else []
 
 
+@pytest.mark.slow
 def test_two_processes_end_where_one_does_and_resume_exactly_after_a_kill(quiet_cache, tmp_path):
     d = quiet_cache
     run(d, "warmup", SETTINGS, tmp_path / "one")

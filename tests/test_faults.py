@@ -205,6 +205,7 @@ def code_tree(tmp_path_factory):
     ("codec: {demo: {config: {decoder_dmi: 64}}}\n", "decoder_dmi", "['codec']['demo']['config']"),
     ("codec: {demo: {lambdas: {mle: 2.0}}}\n", "mle", "['codec']['demo']['lambdas']"),
 ])
+@pytest.mark.slow
 def test_typo_under_demo_codec_fails_at_parse_time(code_tree, override, key, where):
     """Before: passed the schema; the demo_codec job failed with a traceback after Snakemake had
     deleted the existing codec. Now Snakemake refuses the config, naming the key, before any job."""
@@ -215,6 +216,7 @@ def test_typo_under_demo_codec_fails_at_parse_time(code_tree, override, key, whe
     assert not (code_tree / "results").exists()
 
 
+@pytest.mark.slow
 def test_n_fft_larger_than_a_segment_is_refused_at_parse_time(code_tree):
     """Before: `n_ffts: [65536]` with 0.5 s segments was silently clamped and the pipeline ran.
     Now the config is refused before any job, naming the phase's key and the segment's size."""
@@ -268,6 +270,7 @@ MEASURE = ("import resource, sys; from pipeline.__main__ import main; rc = main(
            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(rc)")
 
 
+@pytest.mark.slow
 def test_resynth_on_a_long_file_in_bounded_memory(model_dir, tmp_path):
     x = np.concatenate([speechlike(10.0, 48000, s) for s in range(12)])
     sf.write(tmp_path / "long.wav", x, 48000, subtype="PCM_16")
@@ -399,6 +402,7 @@ def spaced_python(tmp_path_factory) -> Path:
     return py
 
 
+@pytest.mark.slow
 def test_interpreter_in_a_path_with_a_space_runs_every_rule(spaced_python, tmp_path):
     """Every rule runs `python -m pipeline` with the interpreter path quoted: `-n` passed before,
     then every job failed with `/usr/bin/bash: line 1: /tmp/my: Is a directory`."""
@@ -485,6 +489,7 @@ def test_shard_folder_restored_from_an_older_build_is_rebuilt(built, tmp_path):
     assert {("train", "phase=warmup"), ("evaluate", "")} <= set(r.keys())
 
 
+@pytest.mark.slow
 def test_heldout_utterances_in_the_training_manifests_are_refused_at_parse_time(code_tree, tmp_path):
     """Before: a held-out manifest holding three training utterances ran to the end with no word,
     and the evaluation scored the model on what it trained on. Now the DAG is refused before any

@@ -28,6 +28,7 @@ FAMILIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_families_train_every_phase_resume_and_evaluate(family, tmp_path, monkeypatch):
     """Through the real loading path (official checkpoint layout -> precompute -> train each phase

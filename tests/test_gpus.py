@@ -137,6 +137,7 @@ def test_which_devices_and_when_nothing_is_claimed(tmp_path):
     assert gpus.claim(0, env=_env(tmp_path, PHASE11_GPUS="2")) is None
 
 
+@pytest.mark.slow
 def test_gpu_commands_claim_a_device_and_print_where_they_run(tmp_path):
     """`python -m pipeline evaluate` (like train and precompute-shard) claims a free GPU before
     anything else; its first line says which. A CPU command claims nothing."""

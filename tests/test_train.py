@@ -325,6 +325,7 @@ def test_checkpoints_of_another_run_are_moved_aside_not_resumed(small_cache, tmp
     assert f"moved 1 checkpoint(s) of run {first} to" in out and "--resume-from" in out and "init_checkpoint" in out
 
 
+@pytest.mark.slow
 def test_phases_chain_encoder_frozen_lora_merged(small_cache, tmp_path):
     codec = codecs.load(small_cache / "codec")
     run(small_cache, "warmup", settings(steps=4), tmp_path / "warmup")
@@ -516,6 +517,7 @@ def test_several_manifests_sampled_by_weight(small_cache, tmp_path):
     assert target.shape[0] == 8
 
 
+@pytest.mark.slow
 def test_cli_warm_restart_and_exact_resume_flags(small_cache, tmp_path):
     """`python -m pipeline train`: --init-checkpoint warm-restarts (step 0, fresh optimizer),
     --resume-from resumes a checkpoint of the same run exactly, and refuses another run's."""

@@ -237,6 +237,7 @@ def wait_for_step(p, out, step, timeout=300):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_checkpoints_and_the_rerun_loses_no_step(small_cache, tmp_path, tmp_path_factory, sig):
     s = settings(steps=30, ckpt_every=100, val_every=100, log_every=1, keep_best=1)

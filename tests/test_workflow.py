@@ -320,12 +320,14 @@ def _fails_before_any_job(root, r):
     assert r.seconds < 60
 
 
+@pytest.mark.slow
 def test_misspelt_top_level_key_fails_at_once(code_tree):
     r = snakemake(code_tree, extra=("-n", "--config", "manifst=x"))
     _fails_before_any_job(code_tree, r)
     assert "manifst" in r.out and "Building DAG" not in r.out, r.out[-3000:]
 
 
+@pytest.mark.slow
 def test_misspelt_nested_key_fails_at_once(code_tree):
     (code_tree / "typo.yaml").write_text("train: {warmup: {lrr: 0.001}}\n")
     r = snakemake(code_tree, configfiles=("fast.yaml", "typo.yaml"), extra=("-n",))
@@ -334,6 +336,7 @@ def test_misspelt_nested_key_fails_at_once(code_tree):
     assert "['train']['warmup']" in r.out, r.out[-3000:]
 
 
+@pytest.mark.slow
 def test_missing_manifest_fails_naming_it(code_tree):
     r = snakemake(code_tree, extra=("-n", "--config", "manifest=nowhere/train.jsonl"))
     _fails_before_any_job(code_tree, r)
@@ -341,6 +344,7 @@ def test_missing_manifest_fails_naming_it(code_tree):
     assert "(config key manifest)" in r.out, r.out[-3000:]
 
 
+@pytest.mark.slow
 def test_bad_group_pattern_in_a_late_phase_fails_before_any_job(code_tree):
     """Parameter groups are checked against the model's parameter names at parse time, so a typo
     in the LoRA phase does not wait for warmup and full to train first."""
@@ -447,6 +451,7 @@ def test_final_pt_merges_the_named_adapter_or_none(built):
 
 
 # ---- the report (issue 11.4) ----------------------------------------------------------------
+@pytest.mark.slow
 def test_the_main_command_builds_the_report_items(tmp_path):
     """`snakemake --report` needs every item marked report() to exist; after the README's main
     command (target final.pt) they did not (`evaluation.html marked for report but does not
