@@ -1,6 +1,6 @@
 """Mimi through the whole pipeline on the tiny random Mimi (conftest.mimi_dir, n_q = 4 of its 6
-codebooks): precompute, `cache-info --check --codec`, the three phases at trainer level, final.pt,
-resynth, decode, and the library's load + stream."""
+codebooks): precompute, `cache-info --check --codec`, the library's load + stream (on a smart-init
+Mimi48), and, slow (several phases), the three phases at trainer level, final.pt, resynth, decode."""
 from __future__ import annotations
 
 import json
@@ -23,9 +23,8 @@ LORA = {"enabled": True, "rank": 2, "alpha": 4.0, "dropout": 0.0,
 
 
 @pytest.fixture(scope="module")
-def trained(mimi_dir, tmp_path_factory):
-    """A cache of the demo corpus encoded by the tiny Mimi (n_q 4), and the three phases trained on
-    it for a few steps each, then exported: (folder, phase outputs' state dicts)."""
+def cached(mimi_dir, tmp_path_factory):
+    """A cache of the demo corpus encoded by the tiny Mimi (n_q 4): its folder."""
     from pipeline.data.demo import generate_demo
     from pipeline.data.precompute import run_shard
     d = tmp_path_factory.mktemp("mimi-run")
@@ -33,6 +32,14 @@ def trained(mimi_dir, tmp_path_factory):
     codec = codecs.load(mimi_dir, N_Q)
     for name, m in (("cache", "manifest.jsonl"), ("heldout", "heldout.jsonl")):
         run_shard(d / "demo" / m, 0, 1, codec, d / name / "shard-000.zarr", {"n_q": N_Q})
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(cached, mimi_dir):
+    """The three phases trained on the cache for a few steps each, then exported: (folder, phase
+    outputs' state dicts). Several phases: the tests that use it are slow."""
+    d = cached
     shards, held = [str(d / "cache/shard-000.zarr")], [str(d / "heldout/shard-000.zarr")]
     s = dict(steps=2, val_every=2, ckpt_every=2, log_every=1, segment_seconds=0.4, n_ffts=[256, 512])
     for phase, init, over in (("warmup", None, {}), ("full", "warmup", {"groups": DECODER}),
@@ -42,8 +49,14 @@ def trained(mimi_dir, tmp_path_factory):
     return d, {p: codecs.load_model(d / p).state_dict() for p in ("warmup", "full", "lora")}
 
 
-def test_the_cache_records_n_q_and_passes_its_alignment_checks(trained, mimi_dir, capsys):
-    d, _ = trained
+@pytest.fixture(scope="module")
+def smart_mimi48(mimi_dir, tmp_path_factory):
+    """A Mimi48 as smart init makes it, saved as a model folder (what pipeline.load reads)."""
+    return codecs.save_model(codecs.from_codec(codecs.load(mimi_dir, N_Q), 48000), tmp_path_factory.mktemp("m48"))
+
+
+def test_the_cache_records_n_q_and_passes_its_alignment_checks(cached, mimi_dir, capsys):
+    d = cached
     assert main(["cache-info", str(d / "cache"), "--check", "--codec", str(mimi_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     fp, r = info["fingerprint"], info["shards"][0]["alignment"]
@@ -58,6 +71,7 @@ def test_the_cache_records_n_q_and_passes_its_alignment_checks(trained, mimi_dir
         open_cache(d / "cache", expect=other)
 
 
+@pytest.mark.slow
 def test_three_phases_train_what_their_groups_name_and_export(trained, mimi_dir):
     d, sd = trained
     codec = codecs.load(mimi_dir, N_Q).state_dict()
@@ -76,6 +90,7 @@ def test_three_phases_train_what_their_groups_name_and_export(trained, mimi_dir)
     assert all(torch.equal(final["state_dict"][k], v) for k, v in sd["lora"].items())
 
 
+@pytest.mark.slow
 def test_resynth_and_decode(trained, tmp_path):
     d, _ = trained
     sf.write(tmp_path / "in.wav", speechlike(1.5, 44100, 4), 44100)
@@ -88,6 +103,10 @@ def test_resynth_and_decode(trained, tmp_path):
     assert main(["decode", "--model", str(d / "final.pt"), str(tmp_path / "codes.npz"), str(tmp_path / "o.wav"),
                  "--device", "cpu"]) == 0
     assert [sf.info(tmp_path / f"o-{k}.wav").frames for k in (0, 1)] == [6 * 3840] * 2
+    dec = pipeline.load(d / "final.pt", device="cpu")          # the library reads the same final.pt
+    y = dec.decode([torch.from_numpy(c) for c in codes])
+    assert y.shape == (2, 1, 6 * 3840)
+    np.testing.assert_allclose(sf.read(tmp_path / "o-1.wav")[0], y[1, 0].clamp(-1, 1).numpy(), atol=1e-4)
     np.savez(tmp_path / "three.npz", *codes[:3])
     (tmp_path / "t.json").write_text(json.dumps(list(range(14))))
     for name, msg in (("three.npz", "3 arrays"), ("t.json", "Orpheus' 7-token layout is defined for 3 codebooks")):
@@ -97,12 +116,11 @@ def test_resynth_and_decode(trained, tmp_path):
 
 
 @pytest.mark.parametrize("push", [23, 37])
-def test_load_and_stream_equal_the_whole_decode_with_bounded_codes(trained, push):
-    """pipeline.load of a Mimi final.pt decodes, and its stream's pieces, for two chunkings, equal
+def test_load_and_stream_equal_the_whole_decode_with_bounded_codes(smart_mimi48, push):
+    """pipeline.load of a Mimi48 folder decodes, and its stream's pieces, for two chunkings, equal
     the whole decode of codes longer than the decoder transformer's window (the stream then drops
     codes: its left context, from the loaded config, must cover all the decoder looks back)."""
-    d, _ = trained
-    dec = pipeline.load(d / "final.pt", device="cpu")
+    dec = pipeline.load(smart_mimi48, device="cpu")
     g, (left, right) = dec.geometry, dec.context
     assert (g.strides, g.quantum, right) == ((1,) * N_Q, 1, 1)      # the cubic head looks one frame ahead
     assert 125 <= left <= 140                                       # the transformer's window: a bound, not a blow-up
