@@ -194,8 +194,8 @@ def main(argv=None) -> int:
     c.add_argument("--keep", default=None, help="dag: build the synthetic tree in this folder and keep it")
     c.add_argument("--model", default=None, help="decode: a model folder or final.pt (default: random weights of "
                    "--preset's shapes)")
-    c.add_argument("--preset", default="snac_24khz", help="decode: official SNAC shapes to build without weights "
-                   "(snac_24khz, snac_32khz, snac_44khz)")
+    c.add_argument("--preset", default="snac_24khz", help="decode: a published codec's shapes to build without "
+                   "weights (snac_24khz, snac_32khz, snac_44khz, mimi)")
     c.add_argument("--clip-seconds", type=float, default=10.0, help="decode: seconds of codes per offline decode")
     c.add_argument("--push-frames", type=int, default=4, help="decode: finest frames per streaming push")
     c.add_argument("--device", nargs="+", default=None, help="decode: devices to measure (default: cpu, and cuda "
@@ -299,14 +299,17 @@ def _run(a) -> int | None:
         from .data.demo import generate_demo
         print(json.dumps(generate_demo(a.out, **a.settings)))
     elif a.command == "demo-codec":
-        from .model.democodec import train_demo_codec
+        from .training.democodec import train_demo_codec
         train_demo_codec(a.manifest, a.out, a.settings, a.device)
     elif a.command == "make-manifest":
         from .data.folder import make_manifest
         make_manifest(a.audio_dir, a.out_dir, a.speaker_depth, a.heldout_fraction, a.seed, a.workers)
     elif a.command == "precompute-shard":
-        from .data.precompute import run_shard
-        run_shard(a.manifest, a.shard, a.n_shards, a.codec, a.out, a.knobs)
+        from .data.precompute import run_shard, settings_with_defaults
+        from .gpus import pick_device
+        from .model import codecs
+        s = settings_with_defaults(a.knobs)            # a bad setting fails before the codec loads
+        run_shard(a.manifest, a.shard, a.n_shards, codecs.load(a.codec, s["n_q"], pick_device(s["device"])), a.out, s)
     elif a.command == "precompute-summary":
         from .data.precompute import summarize
         summarize(a.manifest, a.shards, a.out_dir)
@@ -321,8 +324,8 @@ def _run(a) -> int | None:
         else:
             show(result, a.against or "settings shared by all phases", a.all)
     elif a.command == "convert-snac":
-        from .model.codec import convert_official
-        r = convert_official(a.src, a.dst)
+        from .model.codecs import family
+        r = family("snac").convert_official(a.src, a.dst)
         print(f"converted {r['tensors']} tensors, verified one by one (sha256 {r['digest'][:12]}) -> {r['out']}")
     elif a.command == "train":
         from .training.distributed import launch_command
@@ -345,7 +348,7 @@ def _run(a) -> int | None:
             console.print(f"[bold yellow]stopped:[/] {e}")
             return e.code
     elif a.command == "export":
-        from .model.snac48 import export_final
+        from .model.codecs import export_final
         export_final(a.phase_dir, a.out)
     elif a.command == "evaluate":
         from .evaluation.evaluate import evaluate
@@ -365,12 +368,11 @@ def _run(a) -> int | None:
     elif a.command == "gpu-check":
         from .gpucheck import main as gpu_check
         return gpu_check(a.out, a.cpu, a.skip)
-    elif a.command == "bench" and a.what == "memory":
-        from .training.memory import report
-        report(a.configfile)
     elif a.command == "bench":
         from . import bench
-        if a.what == "dag":
+        if a.what == "memory":
+            bench.memory(a.configfile)
+        elif a.what == "dag":
             bench.dag(a.rows, a.shards, a.rounds, a.keep)
         elif a.what == "decode":
             bench.decode(a.model, a.preset, a.clip_seconds, a.rounds, a.push_frames, devices=a.device)
@@ -391,8 +393,10 @@ def _cache_info(a) -> int:
     try:
         codec = None
         if a.check and a.codec:
-            from .model.codec import load_codec
-            codec = load_codec(a.codec)
+            from .data.cache import Shard, shard_paths
+            from .model import codecs
+            recorded = Shard(shard_paths(a.cache)[0]).fingerprint      # the codec as the cache used it (n_q)
+            codec = codecs.load(a.codec, recorded.get("n_q"))
         info = cache_info(a.cache, a.check, codec, None if a.json else console.print)
     except CacheError as e:
         console.print(f"[bold red]cache error:[/] {e}")

@@ -34,7 +34,7 @@ import yaml
 from rich.table import Table
 
 from .data import audio as A
-from .model.codec import OFFICIAL_CONFIGS, build_codec, geometry, save_codec
+from .model import codecs
 from .settings import PRECOMPUTE_DEFAULTS, segment_frames
 from .ui import console, progress
 
@@ -62,12 +62,11 @@ def precompute(seconds: float = 20.0) -> None:
         tmp = Path(tmp)
         generate_demo(tmp / "demo", seed=1, n_train=max(4, int(seconds / 2.5)), n_heldout=0)
         results = {}
-        for name, cfg in (("demo", _demo_config()), ("snac_24khz size", OFFICIAL_CONFIGS["snac_24khz"])):
-            save_codec(build_codec(cfg, 0), tmp / name)
-            st = run_shard(tmp / "demo" / "manifest.jsonl", 0, 1, tmp / name, tmp / f"{name}.zarr",
+        for name, cfg in (("demo", _demo_config()), ("snac_24khz size", codecs.shapes("snac_24khz"))):
+            st = run_shard(tmp / "demo" / "manifest.jsonl", 0, 1, codecs.build(cfg, 0), tmp / f"{name}.zarr",
                            {"device": "cpu", "target_rate": TARGET_RATE})
             results[name] = {k: st["seconds_accepted"] / max(v, 1e-9) for k, v in st["stage_seconds"].items()}
-            geo = geometry(cfg, TARGET_RATE)
+            geo = codecs.geometry(cfg, TARGET_RATE)
             results[name]["rates"] = f"{geo.codec_rate} Hz codes, {geo.target_rate} Hz targets"
             results[name]["audio"] = st["seconds_accepted"]
     t = Table(title=f"precompute stages, x real time ({threads} threads, CPU; higher is faster)")
@@ -88,15 +87,14 @@ def precompute(seconds: float = 20.0) -> None:
 # ---------------------------------------------------------------------------------- train
 
 def synthetic_cache(hours: float, shard_hours: float = 12.5, codec_config: dict | None = None,
-                    out: Path | None = None) -> Path:
+                    out: Path | None = None, n_q: int | None = None) -> Path:
     """A cache of `hours` of speech-like 48 kHz audio with random codes for the geometry of
-    `codec_config` (default: the demo codec's; its fingerprint is that of build_codec(config, 0)),
+    `codec_config` (default: the demo codec's; its fingerprint is that of codecs.build(config, 0)),
     1-12 s utterances (some shorter than a 4 s segment), under results/bench/ (or `out`).
     Built once; complete shards of an interrupted build are kept."""
     from .data.cache import CACHE_FORMAT, CacheError, Shard, ShardWriter, open_cache, shard_name
     from .data.demo import generate_demo
     from .data.precompute import silence_codes
-    from .model.codec import fingerprint
     out = Path(out) if out else BENCH_DIR / f"cache-{hours:g}h"
     count = max(1, round(hours / shard_hours))
     try:
@@ -110,14 +108,14 @@ def synthetic_cache(hours: float, shard_hours: float = 12.5, codec_config: dict 
     if free < need:
         raise RuntimeError(f"a {hours:g} h cache needs up to {need / 1e9:.1f} GB, {out} has {free / 1e9:.1f} GB "
                            "free: use a smaller --cache-hours")
-    codec = build_codec(codec_config or _demo_config(), 0).eval()
-    geo, fp = geometry(codec, TARGET_RATE), fingerprint(codec, TARGET_RATE, CACHE_FORMAT)
+    codec = codecs.build(codec_config or _demo_config(), 0, n_q).eval()
+    geo, fp = codec.geometry_at(TARGET_RATE), codec.fingerprint(TARGET_RATE, CACHE_FORMAT)
     silence = silence_codes(codec, geo, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         generate_demo(tmp, seed=7, n_train=24, n_heldout=0, rate=geo.target_rate, min_seconds=13, max_seconds=16)
         bank = [np.clip(A.read_mono(p)[0] * 32768, -32767, 32767).astype(np.int16)
                 for p in sorted(Path(tmp, "audio").glob("*.wav"))]
-    quantum = geo.pad_to // geo.hop                       # utterances are whole pad_to blocks, as SNAC pads
+    quantum = geo.pad_to // geo.hop                       # utterances are whole pad_to blocks, as the codec pads
     per_frame = geo.hop_target
     with progress() as bar:
         task = bar.add_task(f"building {out}", total=hours * 3600)
@@ -168,7 +166,6 @@ def train(cache_hours: float = 1.0, workers=(0, 1, 2), segment_seconds: float = 
     from .data import cache as C
     from .data.segments import SegmentBatches, build_pool, open_training_cache
     from .settings import segment_frames
-    from .model.snac48 import from_codec
     from .training.losses import ReconstructionLoss
     cache = synthetic_cache(cache_hours)
     shards = open_training_cache(sorted(cache.glob("shard-*.zarr")), None, preload=False)
@@ -203,8 +200,7 @@ def train(cache_hours: float = 1.0, workers=(0, 1, 2), segment_seconds: float = 
             per_cpu[w, reader].append(batches * batch_size / (_cpu_seconds(it) - c0))
             del it, loader
     C.FAST_READS, C.CHECK_READS = fast, True
-    codec = build_codec(_demo_config(), 0)
-    model = from_codec(codec, geo.target_rate).train()
+    model = codecs.from_codec(codecs.build(_demo_config(), 0), geo.target_rate).train()
     params = [p for p in model.decoder.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -246,10 +242,11 @@ def processes(nproc: int, rounds: int = 3, steps: int = 16, batch_size: int = 4)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         generate_demo(tmp / "demo", seed=1, n_train=8, n_heldout=2, min_seconds=2.0, max_seconds=3.0)
-        save_codec(build_codec(_demo_config(), 0), tmp / "codec")
-        run_shard(tmp / "demo/manifest.jsonl", 0, 1, tmp / "codec", tmp / "cache/shard-000.zarr")
-        run_shard(tmp / "demo/heldout.jsonl", 0, 1, tmp / "codec", tmp / "heldout/shard-000.zarr")
-        geo = geometry(_demo_config(), TARGET_RATE)
+        codec = codecs.build(_demo_config(), 0)
+        codec.save(tmp / "codec")
+        run_shard(tmp / "demo/manifest.jsonl", 0, 1, codec, tmp / "cache/shard-000.zarr")
+        run_shard(tmp / "demo/heldout.jsonl", 0, 1, codec, tmp / "heldout/shard-000.zarr")
+        geo = codec.geometry_at(TARGET_RATE)
         s = phase_settings({"train": {"full": {
             "steps": steps, "batch_size": batch_size, "segment_seconds": 1.0, "warmup_steps": 1, "val_every": 10 ** 6,
             "ckpt_every": 10 ** 6, "log_every": 1, "num_workers": 0, "n_ffts": [512, 1024, 2048]}}}, "full")
@@ -330,7 +327,7 @@ def dag_tree(root, rows: int, shards: int = 64, files: int = 4, heldout: int = 2
             f.write(f'{{"audio": "heldout/h{i:05d}.wav", "id": "h{i:05d}"}}\n')
     codec = c / "codec"
     codec.mkdir(exist_ok=True)
-    (codec / "config.json").write_text(json.dumps(OFFICIAL_CONFIGS["snac_24khz"]))
+    (codec / "config.json").write_text(json.dumps(codecs.shapes("snac_24khz")))
     (codec / "model.safetensors").write_bytes(b"placeholder: the bench runs no job")
     (root / "bench.yaml").write_text(yaml.safe_dump({
         "manifest": str(c / "train.jsonl"), "heldout_manifest": str(c / "heldout.jsonl"),
@@ -561,7 +558,7 @@ def _pinned(batch, device):
 def bench_trainer(phase: str, s: dict, codec_dir, shards: list, out: Path, adapter: str = "default"):
     """A Trainer as `python -m pipeline train` builds it (loader, precision, checkpointing,
     compile), on a synthetic cache, its run folder `out` emptied first."""
-    from .model.codec import pick_device
+    from .gpus import pick_device
     from .settings import complete
     from .training import train as T
     from .training.distributed import Group
@@ -579,6 +576,7 @@ def phase_throughput(t, steps: int = 4, rounds: int = 2) -> dict:
     A first window of `steps` (compilation, the loader's first batches) is timed on its own.
     -> figures per optimizer step, where the time goes, peak memory."""
     from .training import train as T
+    from .training.device import use_compile
     s, device = t.s, t.device
     per_step = s["batch_size"] * s["grad_accum"]
     geo = t.model.geometry
@@ -618,7 +616,7 @@ def phase_throughput(t, steps: int = 4, rounds: int = 2) -> dict:
     rate = lambda xs: [per_step * seg_s / x for x in xs]
     row = {"micro_batch": s["batch_size"], "grad_accum": s["grad_accum"], "segment_s": round(seg_s, 3),
            "checkpointing": s["activation_checkpointing"], "precision": s["precision"],
-           "compile": t.decoder is not t.model.decoder, "first_window_s_per_step": first,
+           "compile": use_compile(s["compile"], device), "first_window_s_per_step": first,
            "trainer_s_per_step": trainer, "bound_s_per_step": times["bound"], "checkpoint_s": ckpt,
            "ckpt_every": s["ckpt_every"], "trainer_audio_s_per_s": rate(trainer), "bound_audio_s_per_s": rate(times["bound"]),
            "logged_segments_per_s": [r["segments_per_s"] for r in logged[1:]],
@@ -649,7 +647,7 @@ def step_parts(t, batches, step: int) -> dict:
     for i in range(s["grad_accum"]):
         (codes, target, mask), pad, _ = T.next_batch(t)
         mark("batch to the device")
-        pred = t.decoder(t.model.quantizer.from_codes(codes))
+        pred = t.decoder(t.model.latents(codes))
         mark("decoder forward")
         loss, _ = t.loss_fn(pred, target, pad)
         mark("reconstruction losses")
@@ -668,18 +666,81 @@ def step_parts(t, batches, step: int) -> dict:
     return parts
 
 
+# ---------------------------------------------------------------------------------- memory
+
+GPU_GB = 80          # an H100's memory: a preset must fit it with 10 % headroom
+
+
+def preset(configfiles: list, one_adapter: bool = False) -> tuple:
+    """A preset layered over config/config.yaml (as Snakemake does): (config with defaults, the
+    codec's constructor config, where that came from, {job name: settings} for every training job
+    of the chain, a LoRA adapter as lora:<name> (one_adapter: the first adapter alone)). Without the
+    codec's weights here, a
+    published codec's shapes by the folder's name (snac_24khz, mimi, ...: random weights, the same
+    speed and memory)."""
+    from .configdiff import load_config
+    from .settings import phase_settings, training_jobs, with_defaults
+    root = Path(__file__).resolve().parents[1]
+    cfg = with_defaults(load_config([root / "config" / "config.yaml", *configfiles]))
+    folder = cfg["codec"]["pretrained"]
+    if folder and (Path(folder) / "config.json").is_file():
+        codec_cfg, source = json.loads((Path(folder) / "config.json").read_text()), folder
+    elif folder:
+        if Path(folder).name not in codecs.shape_names():
+            raise SystemExit(f"error: codec.pretrained {folder} has no config.json here, and its name is not one of "
+                             f"the published codecs ({', '.join(codecs.shape_names())}) whose shape the benches know")
+        codec_cfg, source = codecs.shapes(Path(folder).name), f"random weights shaped like {Path(folder).name}"
+    else:
+        codec_cfg, source = cfg["codec"]["demo"]["config"], "the demo codec's config"
+    jobs = training_jobs(cfg)
+    if one_adapter:             # the first adapter of each phase with adapters
+        jobs = [j for j in jobs if j == next(k for k in jobs if k.phase == j.phase)]
+    phases = {j.name: phase_settings(cfg, j.phase, j.adapter) for j in jobs}
+    return cfg, codec_cfg, source, phases
+
+
+def memory(configfiles: list, other_checkpointing: bool = False, one_adapter: bool = False) -> list:
+    """bench memory: peak training memory per phase of a preset (layered over config/config.yaml,
+    as Snakemake does; pipeline/training/memory.py measures on CUDA, estimates on the CPU), with a
+    random-weight codec of the preset's shapes when its weights are not on this machine;
+    other_checkpointing: each phase also with activation checkpointing the other way (marked
+    "what if"), the figures that re-size a preset."""
+    from .training.memory import GIB, peak_memory
+    cfg, codec_cfg, source, phases = preset(configfiles, one_adapter)
+    how = "measured" if torch.cuda.is_available() else "estimated on the CPU from saved tensors (no GPU here)"
+    t = Table(title=f"peak training memory per process, {how}: {' '.join(map(str, configfiles))} ({source})")
+    for c in ("phase", "micro-batch", "grad_accum", "checkpointing", "precision", "adversarial", "peak GiB",
+              f"fits {GPU_GB:g} GB - 10 %"):
+        t.add_column(c)
+    rows = []
+    if other_checkpointing:
+        phases = {k: v for name, s in phases.items() for k, v in
+                  ((name, s), (f"{name} (what if)", {**s, "activation_checkpointing": not s["activation_checkpointing"]}))}
+    for name, s in phases.items():
+        r = peak_memory(codec_cfg, cfg["codec"]["target_rate"], s, cfg["codec"].get("n_q"))
+        rows.append({"phase": name, "micro_batch": s["batch_size"] // s["nproc_per_node"],
+                     "segment_seconds": s["segment_seconds"], "grad_accum": s["grad_accum"],
+                     "checkpointing": s["activation_checkpointing"], "precision": s["precision"],
+                     "adversarial": s["adversarial"]["enabled"], **r,
+                     "fits": r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9})
+        t.add_row(name, f"{s['batch_size'] // s['nproc_per_node']} x {s['segment_seconds']} s", str(s["grad_accum"]),
+                  str(s["activation_checkpointing"]), s["precision"], str(s["adversarial"]["enabled"]),
+                  f"{r['peak_gib']:.1f}", "yes" if r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9 else "[red]no")
+    console.print(t, width=max(console.width, 130))
+    return rows
+
+
 def bench_setup(configfiles, work: Path, cache_hours: float, overrides: dict | None = None):
     """(preset config, phases' settings, codec folder, cache shards) for the GPU benches: a
     random-weight codec of the preset's shapes and a synthetic cache of its geometry under `work`.
     One LoRA adapter stands for all (the same step); every dataset's segments are used."""
     from .settings import merge
-    from .training.memory import preset
     cfg, codec_cfg, source, phases = preset(configfiles, one_adapter=True)
-    codec_dir = work / "codec"
+    codec_dir, n_q = work / "codec", cfg["codec"].get("n_q")
     if not (codec_dir / "config.json").is_file():
-        save_codec(build_codec(codec_cfg, 0), codec_dir)
+        codecs.build(codec_cfg, 0).save(codec_dir)
     cache = synthetic_cache(cache_hours, shard_hours=cache_hours, codec_config=codec_cfg,
-                            out=work / f"cache-{cache_hours:g}h")
+                            out=work / f"cache-{cache_hours:g}h", n_q=n_q)
     fixed = {"preload": False, "val_batches": 1, "steps": 10 ** 6, "resume": False, "dataset_ids": None,
              **(overrides or {})}
     phases = {name: merge(s, fixed) for name, s in phases.items()}
@@ -759,9 +820,11 @@ def precision(configfiles=("config/snac_24khz.yaml",), steps: int = 2, rounds: i
     """Each precision (fp32, tf32, bf16) on each phase's training step, eager (so only the math
     differs), alternating rounds: seconds per optimizer step; and the 48 kHz output's SNR against
     IEEE fp32, whole band and codec Nyquist..target Nyquist (smart init, noise off)."""
-    from .model.codec import noise_disabled
     from .training import train as T
     from .training.device import PRECISIONS, set_precision
+
+    def use(p):                                           # the trainer's decoder path in precision p
+        t.decoder.bf16 = set_precision(p, t.device, t.model)[0]
     work = Path(work or BENCH_DIR / "throughput")
     cfg, source, phases, codec_dir, shards = bench_setup(configfiles, work, cache_hours,
                                                          {**(overrides or {}), "compile": False})
@@ -776,12 +839,12 @@ def precision(configfiles=("config/snac_24khz.yaml",), steps: int = 2, rounds: i
         t.batches, t.s = memory, {**t.s, "log_every": 10 ** 9}
         times, step = {p: [] for p in PRECISIONS}, 0
         for p in PRECISIONS:                                   # warm-up: cuDNN picks its kernels
-            set_precision(p, t.device, t.model.decoder)
+            use(p)
             step += 1
             T.train_step(t, step)
         for _ in range(rounds):
             for p in PRECISIONS:
-                set_precision(p, t.device, t.model.decoder)
+                use(p)
                 _sync(t.device)
                 t0 = time.perf_counter()
                 for _ in range(steps):
@@ -791,12 +854,12 @@ def precision(configfiles=("config/snac_24khz.yaml",), steps: int = 2, rounds: i
                 times[p].append((time.perf_counter() - t0) / steps)
         codes = [c[:4].to(t.device) for c in next(memory)[0]]
         out = {}
-        t.model.train()                                      # the bf16 split applies in training mode
-        with torch.no_grad(), noise_disabled(t.model):
+        t.model.train()
+        with torch.no_grad(), t.model.noise_disabled():
             for p in PRECISIONS:
-                set_precision(p, t.device, t.model.decoder)
-                out[p] = t.model.decoder(t.model.quantizer.from_codes(codes)).float().cpu()
-        set_precision(s["precision"], t.device, t.model.decoder)
+                use(p)
+                out[p] = t.decoder(t.model.latents(codes)).float().cpu()
+        use(s["precision"])
         geo = t.model.geometry
         for p in PRECISIONS:
             rows.append({"phase": name, "precision": p, "s_per_step": times[p],
@@ -824,26 +887,26 @@ def precision(configfiles=("config/snac_24khz.yaml",), steps: int = 2, rounds: i
 
 # -------------------------------------------------------------------------------------- decode
 
+FAMILY_NAMES = {"snac": "SNAC", "mimi": "Mimi"}
+
+
 def decode(model_path: str | None = None, preset: str = "snac_24khz", seconds: float = 10.0, rounds: int = 3,
            push_frames: int = 4, pushes: int = 8, devices=None) -> dict:
-    """bench decode: what a TTS server gets from the 48 kHz decoder, beside SNAC's own decode of the
-    same codes at the codec rate, on the CPU and on the GPU where there is one:
+    """bench decode: what a TTS server gets from the 48 kHz decoder, beside the codec's own decode of
+    the same codes at the codec rate, on the CPU and on the GPU where there is one:
       offline   x real time of one decode of `seconds` of random codes at batch 1 (audio seconds /
                 wall seconds, synchronized), after a warm-up decode;
       streaming the time from a push of `push_frames` finest frames (rounded up to whole quanta) to
                 its audio on the host, over `pushes` pushes that return audio (after the first
                 `right context` frames: the lag, printed in ms, that no compute removes).
-    The model: `model_path` (a folder or final.pt), else random weights of the official `preset`'s
-    shapes (pipeline.model.codec.OFFICIAL_CONFIGS: the speed of trained weights). SNAC's side is its
-    decoder with random weights of the same codec config. Rounds alternate the two paths; median
-    and spread (min-max) over rounds (offline) or over every push (streaming)."""
+    The model: `model_path` (a folder or final.pt), else random weights of a published codec's
+    shapes (`preset`: pipeline.model.codecs.shapes, snac_24khz, mimi, ...: the speed of trained
+    weights). The codec's side is its decoder with random weights of the same codec config. Rounds
+    alternate the two paths; median and spread (min-max) over rounds (offline) or over every push
+    (streaming)."""
     import math
 
-    from snac import SNAC
-
     from .evaluation.decoder import Decoder, open_model
-    from .model.codec import geometry as geometry_of
-    from .model.snac48 import from_codec
 
     devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     load0 = os.getloadavg()[0]
@@ -851,21 +914,24 @@ def decode(model_path: str | None = None, preset: str = "snac_24khz", seconds: f
         base, _ = open_model(model_path, "cpu")
         what = str(model_path)
     else:
-        cfg = OFFICIAL_CONFIGS[preset]
-        rate = cfg["sampling_rate"]
+        codec = codecs.build(codecs.shapes(preset), 0)
+        rate = codec.sampling_rate
         target = TARGET_RATE if TARGET_RATE % rate == 0 and TARGET_RATE // rate >= 2 else 2 * rate
-        base = from_codec(build_codec(cfg, 0), target)
+        base = codecs.from_codec(codec, target)
         what = f"{preset} shapes, random weights"
-    codec_cfg = getattr(base, "codec_config", None)
+    codec_cfg, n_q = base.config["codec"], base.config.get("n_q")
 
     class CodecRate(torch.nn.Module):
-        """SNAC's own decode, with the geometry a stream needs (target rate = codec rate)."""
-        def __init__(self, snac, geo):
+        """The codec's own decode, with what a stream needs (its geometry at the codec rate)."""
+        def __init__(self, codec):
             super().__init__()
-            self.snac, self.geometry = snac, geo
+            self.codec, self.geometry = codec, codec.geometry_at(codec.sampling_rate)
 
         def decode(self, codes):
-            return self.snac.decode(codes)
+            return self.codec.decode(codes)
+
+        def context(self):
+            return self.codec.context()
 
     g = base.geometry
     q = g.quantum
@@ -878,9 +944,8 @@ def decode(model_path: str | None = None, preset: str = "snac_24khz", seconds: f
     for dev in devices:
         sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
         paths = {f"{g.target_rate // 1000} kHz decoder": Decoder(base.to(dev).eval())}
-        if codec_cfg is not None:
-            snac = SNAC(**codec_cfg).eval().to(dev)
-            paths[f"SNAC {g.codec_rate // 1000} kHz"] = Decoder(CodecRate(snac, geometry_of(codec_cfg, g.codec_rate)))
+        own = codecs.build(codec_cfg, 0, n_q).eval().to(dev)
+        paths[f"{FAMILY_NAMES[own.FAMILY]} {g.codec_rate // 1000} kHz"] = Decoder(CodecRate(own))
         on_dev = [c.to(dev) for c in codes]
         offline = {k: [] for k in paths}
         latency = {k: [] for k in paths}

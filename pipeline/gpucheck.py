@@ -1,7 +1,7 @@
 """`python -m pipeline gpu-check`: what a GPU changes, checked in one go on a CUDA machine.
 
   end to end      the snac_24khz preset through Snakemake on random weights of the official shapes
-                  (OFFICIAL_CONFIGS["snac_24khz"] saved as a codec folder) and the demo audio: a few
+                  (codecs.shapes("snac_24khz") saved as a codec folder) and the demo audio: a few
                   steps a phase, every phase (each LoRA adapter of config/config.yaml: two),
                   evaluation, final.pt; warmup is stopped by SIGTERM after its first checkpoint and
                   the rerun resumes it
@@ -163,7 +163,7 @@ def finish_cuda_tests(started, cpu: bool) -> dict:
 def e2e_tree(work: Path, cpu: bool) -> Path:
     """A copy of the workflow with a random-weight codec of the official snac_24khz shapes (the
     demo codec's with --cpu) and the check's config over the preset."""
-    from .model.codec import OFFICIAL_CONFIGS, build_codec, save_codec
+    from .model import codecs
     from .settings import merge
     root = work / "e2e"
     shutil.rmtree(root, ignore_errors=True)
@@ -177,7 +177,7 @@ def e2e_tree(work: Path, cpu: bool) -> Path:
     over = E2E_YAML
     if cpu:
         demo = yaml.safe_load((ROOT / "config/config.yaml").read_text())["codec"]["demo"]["config"]
-        save_codec(build_codec(demo, 0), root / "codec/snac_24khz", official=True)
+        codecs.build(demo, 0).save(root / "codec/snac_24khz", official=True)
         over = merge(over, {"demo": {"n_train": 6, "n_heldout": 2, "min_seconds": 1.0, "max_seconds": 2.0},
                             "train": {"defaults": {**TOY, "warmup_steps": 1},
                                       "warmup": {"steps": 12, "val_every": 6, "batch_size": 2},
@@ -186,7 +186,7 @@ def e2e_tree(work: Path, cpu: bool) -> Path:
                                       "lora": {"steps": 2, "batch_size": 2}},
                             "eval": {"n_ffts": [256, 512], "max_seconds": 4}})
     else:
-        save_codec(build_codec(OFFICIAL_CONFIGS["snac_24khz"], 0), root / "codec/snac_24khz", official=True)
+        codecs.build(codecs.shapes("snac_24khz"), 0).save(root / "codec/snac_24khz", official=True)
     (root / "gpucheck.yaml").write_text(yaml.safe_dump(over, sort_keys=False))
     return root
 
@@ -262,8 +262,8 @@ def _preset_args(work: Path, cpu: bool) -> dict:
 
 
 def bench_memory(work: Path, cpu: bool) -> dict:
-    from .training.memory import report
-    rows = report(_preset_args(work, cpu)["configfiles"], other_checkpointing=True, one_adapter=True)
+    from .bench import memory
+    rows = memory(_preset_args(work, cpu)["configfiles"], other_checkpointing=True, one_adapter=True)
     summary = "; ".join(f"{r['phase']} {r['micro_batch']} x {r['segment_seconds']:g} s x {r['grad_accum']}"
                         f"{' with' if r['checkpointing'] else ' without'} checkpointing: {r['peak_gib']:.1f} GiB"
                         f"{'' if r['fits'] else ' (does NOT fit 80 GB - 10 %)'}" for r in rows)

@@ -138,3 +138,15 @@ def claim(n: int = 1, env=None, poll: float = 1.0, log=None) -> list[str] | None
     env["CUDA_VISIBLE_DEVICES"] = ",".join(claimed)
     env[CLAIMED] = "1"
     return claimed
+
+
+def pick_device(name: str = "auto"):
+    """auto: CUDA when there is one, else the CPU; a CUDA device asked for where none is, refused.
+    (Every command that computes picks its device here; torch is imported only when called.)"""
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is available")
+    return dev

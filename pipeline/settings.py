@@ -119,10 +119,11 @@ def split_runtime(section: str, values: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in values.items() if k not in runtime}, {k: v for k, v in values.items() if k in runtime})
 
 
-# a shard job's settings: precompute's keys but the shard counts (the DAG's shape), and the target rate
+# a shard job's settings: precompute's keys but the shard counts (the DAG's shape), the target rate
+# and the number of codebooks encoded (codec.n_q)
 PRECOMPUTE_DEFAULTS = {**{k: v for k, v in schema_defaults(schema()["properties"]["precompute"]).items()
                           if k not in ("shards", "heldout_shards")},
-                       "target_rate": schema()["properties"]["codec"]["properties"]["target_rate"]["default"]}
+                       **{k: schema()["properties"]["codec"]["properties"][k]["default"] for k in ("target_rate", "n_q")}}
 
 
 def manifest_entries(value) -> list:

@@ -28,6 +28,35 @@ TINY_24K = dict(sampling_rate=24000, encoder_dim=4, encoder_rates=[2, 4, 8, 8], 
 END_TO_END = {"built", "copy_of", "slurm_built"}
 
 
+# Mimi's time geometry (24 kHz, upsampling ratios [8, 6, 5, 4], 12.5 Hz frames, the 250-step sliding
+# window) at toy width; layer scales 1 (Mimi's init is 0.01), so the transformers' long reach shows
+# in the outputs (a stream with too little left context then differs by far more than 1e-4)
+TINY_MIMI = dict(hidden_size=16, num_filters=4, num_hidden_layers=1, intermediate_size=32, num_attention_heads=2,
+                 num_key_value_heads=2, head_dim=8, codebook_size=64, codebook_dim=8,
+                 vector_quantization_hidden_dimension=8, num_quantizers=6, upsample_groups=16,
+                 layer_scale_initial_scale=1.0)
+
+
+@pytest.fixture(scope="session")
+def mimi_dir(tmp_path_factory):
+    """A tiny Mimi saved by transformers' save_pretrained; codebooks random (transformers
+    initialises them to zeros: every latent would get code 0)."""
+    import torch
+    import transformers
+    config = transformers.MimiConfig(**TINY_MIMI)
+    assert config.upsampling_ratios == [8, 6, 5, 4] and config.frame_rate == 12.5 and config.sliding_window == 250
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = transformers.MimiModel(config).eval()
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name.endswith("embed_sum"):
+                    buf.normal_()
+    folder = tmp_path_factory.mktemp("mimi")
+    model.save_pretrained(folder)
+    return folder
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that use an END_TO_END fixture are marked `slow` (`pytest -m "not slow"`: the quick
     run; the others long enough to be slow say so themselves). Tests marked `cuda` skip where there
@@ -56,8 +85,7 @@ def built(tmp_path_factory):
 def tiny_codec_dir(tmp_path_factory):
     """A tiny SNAC saved as the official checkpoint layout (config.json + pytorch_model.bin)."""
     d = tmp_path_factory.mktemp("codec")
-    from pipeline.model.codec import save_codec
-    save_codec(tiny_codec(seed=7), d, official=True)
+    tiny_codec(seed=7).save(d, official=True)
     return d
 
 
@@ -65,11 +93,10 @@ def tiny_codec(seed=7, config=TINY_24K):
     """A random tiny SNAC whose codebooks are seeded from its own latents of speech-like audio,
     so its codes are informative (a random SNAC maps almost everything to one code)."""
     import torch
-    from pipeline.model.codec import build_codec
-    from pipeline.model.democodec import quantize_with_losses, reset_dead_codes
-    model = build_codec(config, seed=seed)
+    from pipeline.model import codecs
+    model = codecs.build(config, seed=seed)
     rate = config["sampling_rate"]
-    from pipeline.model.codec import geometry
+    from pipeline.model.codecs.snac import geometry
     n = geometry(config, 2 * rate).pad_to * 8
     x = torch.from_numpy(np.stack([speechlike(max(2.0, n / rate + 0.01), rate, seed=s)[:n] for s in range(4)]))[:, None]
     # the dead-code reset jitters with the global RNG: seeded here, so the codec does not depend on
@@ -77,9 +104,9 @@ def tiny_codec(seed=7, config=TINY_24K):
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         seen = []
-        quantize_with_losses(model.quantizer, model.encoder(x), seen)
+        model.quantize_with_losses(model.encoder(x), seen)
         usage = [torch.zeros(config["codebook_size"], dtype=torch.long) for _ in seen]
-        reset_dead_codes(model.quantizer, usage, [z for _, z in seen], np.random.default_rng(seed))
+        model.reset_dead_codes(usage, [z for _, z in seen], np.random.default_rng(seed))
     return model.eval()
 
 
@@ -112,13 +139,13 @@ def write_manifest(path, rows):
 def small_cache(tmp_path_factory):
     from pipeline.data.demo import generate_demo
     from pipeline.data.precompute import run_shard
-    from pipeline.model.codec import save_codec
+    from pipeline.model import codecs
     d = tmp_path_factory.mktemp("train")
     generate_demo(d / "demo", seed=5, n_train=6, n_heldout=3, min_seconds=1.2, max_seconds=2.0)
-    save_codec(tiny_codec(), d / "codec")
+    tiny_codec().save(d / "codec")
     for name, m, n in (("cache", "manifest.jsonl", 2), ("heldout", "heldout.jsonl", 1)):
         for k in range(n):
-            run_shard(d / "demo" / m, k, n, d / "codec", d / name / f"shard-{k:03d}.zarr")
+            run_shard(d / "demo" / m, k, n, codecs.load(d / "codec"), d / name / f"shard-{k:03d}.zarr")
     return d
 
 

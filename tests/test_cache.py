@@ -14,6 +14,7 @@ from conftest import speechlike, write_audio, write_manifest
 from pipeline.__main__ import main
 from pipeline.data import cache as C
 from pipeline.data.precompute import run_shard
+from pipeline.model import codecs
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def cache_built(tiny_codec_dir, tmp_path_factory):
     write_audio(d / "a.wav", speechlike(1.3, 48000, seed=1), 48000)
     write_audio(d / "b.wav", speechlike(0.9, 96000, seed=2), 96000)
     m = write_manifest(d / "m.jsonl", [{"audio": "a.wav"}, {"audio": "b.wav"}])
-    run_shard(m, 0, 1, tiny_codec_dir, d / "cache" / "shard-000.zarr")
+    run_shard(m, 0, 1, codecs.load(tiny_codec_dir), d / "cache" / "shard-000.zarr")
     return d
 
 
@@ -31,7 +32,7 @@ def test_digest_is_written_at_close_and_follows_the_content(cache_built, tiny_co
     assert len(sh.digest) == 64 and sh.verify() == []
     # the same rows give the same digest; another shard index (same data) another one
     m = cache_built / "m.jsonl"
-    run_shard(m, 0, 1, tiny_codec_dir, tmp_path / "again.zarr")
+    run_shard(m, 0, 1, codecs.load(tiny_codec_dir), tmp_path / "again.zarr")
     assert C.Shard(tmp_path / "again.zarr").digest == sh.digest
     w = C.ShardWriter(tmp_path / "other.zarr", sh.fingerprint, sh.silence_codes, 1, 2)
     for i in range(len(sh)):

@@ -22,8 +22,9 @@ from pipeline.__main__ import main
 from pipeline.evaluation.codes import orpheus_codes
 from pipeline.evaluation.decoder import Decoder
 from pipeline.evaluation.stream import Stream, StreamClosed
-from pipeline.model import snac48 as M
-from pipeline.model.codec import geometry, noise_disabled
+from pipeline.model.codecs import snac as M
+from pipeline.model.codecs.snac import geometry
+from pipeline.model import codecs
 
 STREAM_TOL = 1e-4       # the issue's bound; measured: under 4e-7
 
@@ -47,7 +48,7 @@ def decoders():
 def model_dir(tmp_path_factory):
     """A saved 24 kHz-family model with SNAC's noise blocks (as trained models have them)."""
     d = tmp_path_factory.mktemp("model")
-    M.save_model(model_for(TINY_24K), d)
+    codecs.save_model(model_for(TINY_24K), d)
     return d
 
 
@@ -79,7 +80,7 @@ def test_load_gives_the_model_in_eval_mode_with_noise_as_trained(model_dir):
     a, b = dec.decode(codes), dec.decode(codes)
     assert a.shape == (2, 1, 4 * g.quantum * g.hop_target) and a.dtype == torch.float32
     assert not torch.equal(a, b)                   # SNAC's noise blocks, random as trained
-    with noise_disabled(dec.model):
+    with dec.model.noise_disabled():
         ref = dec.model.decode(codes)
         assert torch.equal(dec.decode(codes), ref)
         assert torch.equal(dec.decode([c.numpy().astype(np.int32) for c in codes]), ref)   # arrays, any int type
@@ -88,17 +89,17 @@ def test_load_gives_the_model_in_eval_mode_with_noise_as_trained(model_dir):
 
 def test_load_applies_a_lora_file(model_dir, tmp_path):
     from pipeline.model.lora import LoRAConfig, apply_lora, save_lora
-    m = M.load_model(model_dir)
+    m = codecs.load_model(model_dir)
     cfg = LoRAConfig(rank=2, alpha=4.0, targets=["decoder.model.*"])
     apply_lora(m, cfg)
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    save_lora(m, tmp_path / "a.safetensors", cfg, base_digest=M.load_model(model_dir).base_digest())
+    save_lora(m, tmp_path / "a.safetensors", cfg, base_digest=codecs.load_model(model_dir).base_digest())
     plain, adapted = pipeline.load(model_dir, device="cpu"), pipeline.load(model_dir, lora=tmp_path / "a.safetensors")
     codes = random_codes(plain.geometry, 8, 1, 0)
-    with noise_disabled(plain.model), noise_disabled(adapted.model), noise_disabled(m):
+    with plain.model.noise_disabled(), adapted.model.noise_disabled(), m.noise_disabled():
         assert torch.allclose(adapted.decode(codes), m.decode(codes), atol=1e-6)
         assert not torch.allclose(plain.decode(codes), adapted.decode(codes), atol=1e-4)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -155,7 +156,7 @@ def test_stream_equals_the_whole_decode_for_any_chunking(decoders, family):
     frames = n_quanta * q
     codes = random_codes(g, frames, batch, 1)
     rng = np.random.default_rng(2)
-    with noise_disabled(dec.model):
+    with dec.model.noise_disabled():
         ref = dec.decode(codes)
         for trial in range(trials):
             cuts = sorted(rng.choice(np.arange(1, n_quanta), size=int(rng.integers(1, n_quanta)), replace=False))
@@ -188,7 +189,7 @@ def test_independent_streams_and_a_long_one_hold_bounded_codes(decoders):
     left, right = dec.context
     frames = 30 * q
     a_codes, b_codes = random_codes(g, frames, 1, 3), random_codes(g, frames // 2, 1, 4)
-    with noise_disabled(dec.model):
+    with dec.model.noise_disabled():
         sa, sb, ya, yb = dec.stream(), dec.stream(), [], []
         for k in range(0, frames, q):
             ya.append(sa.push(cut(a_codes, g, k, k + q)))
@@ -234,7 +235,7 @@ def test_orpheus_token_lists_decode_like_the_npz(tmp_path):
     """Raw codes as JSON, position-offset codes as text, and Orpheus' <custom_token_N> output
     (control tokens and all) give the file the .npz of the same codes gives."""
     d = tmp_path / "m"
-    M.save_model(model_for(dict(TINY_24K, noise=False)), d)
+    codecs.save_model(model_for(dict(TINY_24K, noise=False)), d)
     g = geometry(TINY_24K, 48000)
     rng = np.random.default_rng(5)
     codes = [rng.integers(0, g.codebook_size, 12 // s) for s in g.strides]

@@ -141,7 +141,7 @@ def test_rejects_bad_arguments(tmp_path):
 def test_demo_codec_trains_on_salient_excerpts():
     """Clips that open and close with a pause (as real read speech does): excerpts drawn uniformly
     are silence half the time, salient ones (salient_db) almost never; the draw is deterministic."""
-    from pipeline.model.democodec import excerpt
+    from pipeline.training.democodec import excerpt
     rate, n = 24000, 6000
     rng = np.random.default_rng(0)
     loud = 0.1 * rng.standard_normal(rate)

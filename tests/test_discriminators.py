@@ -12,8 +12,9 @@ import torch
 import yaml
 from conftest import ROOT, speechlike, tiny_codec
 
-from pipeline.model import snac48 as M
-from pipeline.training.discriminators import Adversarial, Discriminators, band_bins
+from pipeline.model.codecs import snac as M
+from pipeline.training.discriminators import Adversarial, Discriminators
+from pipeline.training.spectral import band_bins
 from pipeline.training.losses import ReconstructionLoss
 
 SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())

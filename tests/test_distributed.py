@@ -18,11 +18,11 @@ import torch.multiprocessing as mp
 from conftest import ROOT, TINY_24K, run, settings, tiny_codec
 from safetensors.torch import load_file
 
-from pipeline.model import snac48 as M
-from pipeline.model.codec import load_codec
+from pipeline.model.codecs import snac as M
 from pipeline.settings import run_settings, runtime_settings
 from pipeline.training import train as T
 from pipeline.training.distributed import launch_command
+from pipeline.model import codecs
 
 # 1 process vs 2: the gradients are the same means summed in another order, equal to float
 # rounding; Adam's normalisation turns a rounding difference in a near-zero gradient into up to a
@@ -36,12 +36,11 @@ def quiet_cache(tmp_path_factory):
     random noise each segment's decoding draws."""
     from pipeline.data.demo import generate_demo
     from pipeline.data.precompute import run_shard
-    from pipeline.model.codec import save_codec
     d = tmp_path_factory.mktemp("ddp")
     generate_demo(d / "demo", seed=6, n_train=4, n_heldout=2, min_seconds=1.2, max_seconds=1.6)
-    save_codec(tiny_codec(config=dict(TINY_24K, noise=False)), d / "codec")
-    run_shard(d / "demo/manifest.jsonl", 0, 1, d / "codec", d / "cache/shard-000.zarr")
-    run_shard(d / "demo/heldout.jsonl", 0, 1, d / "codec", d / "heldout/shard-000.zarr")
+    tiny_codec(config=dict(TINY_24K, noise=False)).save(d / "codec")
+    run_shard(d / "demo/manifest.jsonl", 0, 1, codecs.load(d / "codec"), d / "cache/shard-000.zarr")
+    run_shard(d / "demo/heldout.jsonl", 0, 1, codecs.load(d / "codec"), d / "heldout/shard-000.zarr")
     return d
 
 
@@ -81,7 +80,7 @@ def test_two_processes_end_where_one_does_and_resume_exactly_after_a_kill(quiet_
     items = {i["item"]: i["detail"] for i in json.loads((tmp_path / "two/preflight.json").read_text())["items"]}
     assert items["processes"] == "2 (batch 2: 1 segments per process)"
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
-    start = M.from_codec(load_codec(d / "codec"), 48000, "smart", seed=0).state_dict()
+    start = M.from_codec(codecs.load(d / "codec"), 48000, "smart", seed=0).state_dict()
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
     differ = max(float((one[k] - two[k]).abs().max()) for k in one)
     print(f"1 vs 2 processes: max |difference| {differ:.2e}, max |change| {moved:.2e}")

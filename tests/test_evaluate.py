@@ -3,6 +3,7 @@ implementation's conformance score; spread; rank-sum) and the evaluate stage (bu
 shards, progress, per-utterance figures, clips for the report)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -12,8 +13,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.evaluation.metrics import (BETTER, evaluate_pair, log_spectral_distance, rank_sum, si_sdr,
+from pipeline.training.metrics import (BETTER, evaluate_pair, log_spectral_distance, rank_sum, si_sdr,
                                          segment_metrics, summarize, visqol)
+from pipeline.model import codecs
 from test_losses import broadband          # tones plus white noise across the whole band
 
 SR = 48000
@@ -167,17 +169,16 @@ def heldout(tmp_path_factory):
     from conftest import tiny_codec
     from pipeline.data.demo import generate_demo
     from pipeline.data.precompute import run_shard
-    from pipeline.model import snac48 as M
-    from pipeline.model.codec import save_codec
+    from pipeline.model.codecs import snac as M
     d = tmp_path_factory.mktemp("evaluate")
     generate_demo(d / "demo", seed=5, n_train=1, n_heldout=6, min_seconds=1.0, max_seconds=1.5)
     codec = tiny_codec()
-    save_codec(codec, d / "codec")
+    codec.save(d / "codec")
     shards = [str(d / f"held/shard-{k:03d}.zarr") for k in range(2)]
     for k, p in enumerate(shards):
-        run_shard(d / "demo/heldout.jsonl", k, 2, d / "codec", p)
-    M.save_model(M.from_codec(codec, SR, "smart"), d / "smart")
-    M.save_model(M.from_codec(codec, SR, "random", seed=1), d / "random")
+        run_shard(d / "demo/heldout.jsonl", k, 2, codecs.load(d / "codec"), p)
+    codecs.save_model(M.from_codec(codec, SR, "smart"), d / "smart")
+    codecs.save_model(M.from_codec(codec, SR, "random", seed=1), d / "random")
     return d, shards
 
 
@@ -221,7 +222,8 @@ def test_evaluation_is_bounded_across_shards_with_progress_and_per_utterance_fig
 
 
 class Oracle(torch.nn.Module):
-    """A stand-in decoder that returns the validation targets it is fed, in order, plus noise."""
+    """A stand-in decoder that returns the validation targets it is fed, in order, plus noise (no
+    noise blocks to switch off)."""
 
     def __init__(self, segs, noise, geometry):
         from pipeline.data.segments import collate
@@ -235,13 +237,16 @@ class Oracle(torch.nn.Module):
         g = torch.Generator().manual_seed(self.i)
         return torch.nn.functional.pad(y + self.noise * torch.randn(y.shape, generator=g), (0, 64))
 
+    def noise_disabled(self):
+        return contextlib.nullcontext(self)
+
 
 def test_segment_metrics_rank_checkpoints(heldout):
     """What the trainer's rank-sum selection calls: the metrics of a model on validation segments."""
     from pipeline.data.cache import open_cache
     from pipeline.data.segments import fixed_segments
     from pipeline.settings import segment_frames
-    from pipeline.model.snac48 import load_model
+    from pipeline.model.codecs import load_model
     d, shards = heldout
     sh = open_cache(shards)
     segs = fixed_segments(sh, segment_frames(0.25, sh[0].geometry), 4)

@@ -38,6 +38,7 @@ from pipeline.__main__ import main
 from pipeline.data import cache as C
 from pipeline.data.precompute import run_shard
 from pipeline.data.segments import open_training_cache
+from pipeline.model import codecs
 
 
 # ---- the data layer ----------------------------------------------------------------------
@@ -51,7 +52,7 @@ def data_cache(tiny_codec_dir, tmp_path_factory):
         rows.append({"audio": f"a{i}.wav", "id": f"utt{i}"})
     m = write_manifest(d / "m.jsonl", rows)
     for k in range(2):
-        run_shard(m, k, 2, tiny_codec_dir, d / "cache" / f"shard-{k:03d}.zarr")
+        run_shard(m, k, 2, codecs.load(tiny_codec_dir), d / "cache" / f"shard-{k:03d}.zarr")
     return d
 
 
@@ -188,9 +189,9 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny trained-model folder (snac_24khz geometry at toy width, 48 kHz out)."""
-    from pipeline.model import snac48 as M
+    from pipeline.model.codecs import snac as M
     d = tmp_path_factory.mktemp("model")
-    M.save_model(M.from_codec(tiny_codec(config=dict(TINY_24K, noise=False)), 48000), d)
+    codecs.save_model(M.from_codec(tiny_codec(config=dict(TINY_24K, noise=False)), 48000), d)
     return d
 
 
@@ -230,7 +231,7 @@ def test_demo_codec_schema_lists_what_the_code_takes():
     """The schema's keys are exactly SNAC's constructor arguments and the loss terms, and the
     embedded config passes it (a wrong type fails)."""
     import jsonschema
-    from pipeline.model.codec import SNAC_KEYS
+    from pipeline.model.codecs.snac import SNAC_KEYS
     from pipeline.training.losses import LOSS_TERMS
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     demo = schema["properties"]["codec"]["properties"]["demo"]["properties"]
@@ -322,7 +323,7 @@ def test_decode_two_row_arrays_is_a_batch_not_one_clip(model_dir, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (tmp_path / "o.wav").exists()
     y0, y1 = (sf.read(tmp_path / f"o-{k}.wav")[0] for k in (0, 1))
-    from pipeline.model.codec import geometry
+    from pipeline.model.codecs.snac import geometry
     assert len(y0) == len(y1) == 64 * geometry(TINY_24K, 48000).hop_target and not np.allclose(y0, y1)
     assert f"-> {tmp_path / 'o-1.wav'}" in r.stdout
 
@@ -537,9 +538,9 @@ def test_fifo_in_a_manifest_is_rejected_without_being_opened(fifo_manifest, tiny
     """Before: the shard job (and demo_codec before it) hung forever opening the FIFO, with no
     output. Now anything but a regular file is a reject with its reason, never opened."""
     from pipeline.data import audio as A
-    from pipeline.model.democodec import load_corpus
+    from pipeline.training.democodec import load_corpus
     fifo = tmp_path / "pipe.wav"
-    stats = _no_hang(lambda: run_shard(fifo_manifest, 0, 1, tiny_codec_dir, tmp_path / "s.zarr"), fifo)
+    stats = _no_hang(lambda: run_shard(fifo_manifest, 0, 1, codecs.load(tiny_codec_dir), tmp_path / "s.zarr"), fifo)
     assert stats["accepted"] == 1 and stats["rejected"] == 1
     assert C.Shard(tmp_path / "s.zarr").rejects[0]["reason"] == "not a regular file (a FIFO)"
     assert len(_no_hang(lambda: load_corpus(fifo_manifest, 24000), fifo)) == 1
@@ -558,7 +559,7 @@ def test_dataset_id_beyond_the_caches_range_is_rejected_at_parse_time(tiny_codec
     assert [r.id for r in parsed.rows] == ["ok"]
     assert parsed.rejects == [{"manifest": str(m), "line": 2, "id": "big", "audio": "a.wav",
                                "reason": "`dataset_id` must be an integer in 0..2147483647 (the cache stores int32)"}]
-    stats = run_shard(m, 0, 1, tiny_codec_dir, tmp_path / "s.zarr")
+    stats = run_shard(m, 0, 1, codecs.load(tiny_codec_dir), tmp_path / "s.zarr")
     assert stats["accepted"] == 1 and C.Shard(tmp_path / "s.zarr").table["dataset_id"].tolist() == [2**31 - 1]
 
 
@@ -597,7 +598,7 @@ def test_heldout_clip_shorter_than_visqols_patch_is_scored_on_what_applies(tiny_
     write_audio(tmp_path / "long.wav", speechlike(1.2, 48000, seed=4), 48000)
     write_audio(tmp_path / "short.wav", speechlike(0.15, 48000, seed=5), 48000)
     m = write_manifest(tmp_path / "held.jsonl", [{"audio": "long.wav", "id": "long"}, {"audio": "short.wav", "id": "short"}])
-    run_shard(m, 0, 1, tiny_codec_dir, tmp_path / "held/shard-000.zarr", {"min_seconds": 0.05})
+    run_shard(m, 0, 1, codecs.load(tiny_codec_dir), tmp_path / "held/shard-000.zarr", {"min_seconds": 0.05})
     out = tmp_path / "out" / "eval.json"
     r = E.evaluate(tiny_codec_dir, [tmp_path / "held/shard-000.zarr"], {}, out, {"n_ffts": [256, 512], "bootstrap": 100})
     rows = {row["id"]: row for row in map(json.loads, (tmp_path / "out/eval_utterances.jsonl").read_text().splitlines())}

@@ -12,9 +12,11 @@ import pytest
 import torch
 from conftest import TINY_24K, speechlike, tiny_codec
 
-from pipeline.model import snac48 as M
-from pipeline.model.codec import convert_official, load_codec, noise_disabled, save_codec, state_digest
+from pipeline.model.codecs import snac as M
+from pipeline.model.codecs.snac import convert_official
+from pipeline.model.codecs.base import state_digest
 from pipeline.model.lora import LoRAConfig, apply_lora, save_lora
+from pipeline.model import codecs
 
 # SNAC's 32 kHz and 44 kHz families at toy width: local attention over the real window of 32
 # frames with a fused to_qkv, their own hops and strides (the 24 kHz family is TINY_24K)
@@ -37,12 +39,12 @@ def test_attention_families_train_every_phase_resume_and_evaluate(family, tmp_pa
     from pipeline.training import train as T
     cfg = FAMILIES[family]
     target = 2 * cfg["sampling_rate"]
-    save_codec(tiny_codec(config=cfg), tmp_path / "codec", official=True)
+    tiny_codec(config=cfg).save(tmp_path / "codec", official=True)
     for split, n in (("train", 3), ("heldout", 1)):
         rows = [{"audio": str(write_audio(tmp_path / f"{split}{i}.wav", speechlike(1.6, target, 10 * n + i), target)),
                  "id": f"{split}{i}"} for i in range(n)]
         write_manifest(tmp_path / f"{split}.jsonl", rows)
-        run_shard(tmp_path / f"{split}.jsonl", 0, 1, tmp_path / "codec", tmp_path / split / "shard-000.zarr",
+        run_shard(tmp_path / f"{split}.jsonl", 0, 1, codecs.load(tmp_path / "codec"), tmp_path / split / "shard-000.zarr",
                   {"target_rate": target})
 
     def train(phase, s, init=None, **kw):
@@ -68,11 +70,11 @@ def test_attention_families_train_every_phase_resume_and_evaluate(family, tmp_pa
         train("lora", settings(**dict(base, lora=lora, lr=1e-2, groups=[{"pattern": "*.lora_*"}])), tmp_path / "full",
               adapter=name)
         (tmp_path / "lora").rename(tmp_path / f"lora_{name}")
-    model = M.load_model(tmp_path / "full")
+    model = codecs.load_model(tmp_path / "full")
     g = model.geometry
     assert g.attn_window == 32 and g.quantum == math.lcm(max(cfg["vq_strides"]), 32)
-    f = M.load_model(tmp_path / "full").state_dict()
-    w = M.load_model(tmp_path / "warmup").state_dict()
+    f = codecs.load_model(tmp_path / "full").state_dict()
+    w = codecs.load_model(tmp_path / "warmup").state_dict()
     assert any(not torch.equal(f[k], w[k]) for k in w if k.startswith("decoder.model."))    # full trained
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # a second adapter on the split to_qkv: same base, no warning
@@ -90,7 +92,7 @@ def test_attention_families_train_every_phase_resume_and_evaluate(family, tmp_pa
 def test_converter_round_trip(tiny_codec_dir, tmp_path):
     r = convert_official(tiny_codec_dir, tmp_path / "conv")
     assert r["tensors"] == len(torch.load(tiny_codec_dir / "pytorch_model.bin", weights_only=True))
-    assert state_digest(load_codec(tmp_path / "conv").state_dict()) == r["digest"]
+    assert state_digest(codecs.load(tmp_path / "conv").state_dict()) == r["digest"]
     p = subprocess.run([sys.executable, "-m", "pipeline", "convert-snac", str(tiny_codec_dir), str(tmp_path / "c2")],
                        capture_output=True, text=True)
     assert p.returncode == 0 and "verified" in p.stdout
@@ -110,16 +112,16 @@ def _trained_adapter(model, name, seed):
 
 def test_lora_hot_swap_on_a_loaded_model(tmp_path):
     base = M.from_codec(tiny_codec(), 48000)
-    M.save_model(base, tmp_path / "base")
+    codecs.save_model(base, tmp_path / "base")
     digest = base.base_digest()
     codes = base.encode(torch.from_numpy(speechlike(0.5, 24000, 2))[None, None])
     for name, seed in (("a", 1), ("b", 2)):
-        m = M.load_model(tmp_path / "base")
+        m = codecs.load_model(tmp_path / "base")
         _trained_adapter(m, name, seed)
         save_lora(m, tmp_path / f"{name}.safetensors", LoRAConfig(rank=2, alpha=4.0, targets=["decoder.model.*"]),
                   adapter=name, base_digest=digest)
-    model = M.load_model(tmp_path / "base")
-    with torch.no_grad(), noise_disabled(model):
+    model = codecs.load_model(tmp_path / "base")
+    with torch.no_grad(), model.noise_disabled():
         y0 = model.decode(codes)
         loaded, skipped = model.load_lora(tmp_path / "a.safetensors")
         assert loaded and not skipped
@@ -166,8 +168,8 @@ def test_config_diff_marks_what_each_phase_changes(tmp_path):
 def test_resynth_with_a_lora_adapter(tmp_path):
     import soundfile as sf
     base = M.from_codec(tiny_codec(), 48000)
-    M.save_model(base, tmp_path / "base")
-    m = M.load_model(tmp_path / "base")
+    codecs.save_model(base, tmp_path / "base")
+    m = codecs.load_model(tmp_path / "base")
     _trained_adapter(m, "x", 5)
     save_lora(m, tmp_path / "x.safetensors", LoRAConfig(rank=2, alpha=4.0, targets=["decoder.model.*"]),
               adapter="x", base_digest=base.base_digest())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import settings, tiny_codec
 
-from pipeline.model import snac48 as M
+from pipeline.model.codecs import snac as M
 
 from pipeline.training import train as T
 from pipeline.training.distributed import Group
@@ -109,19 +109,18 @@ def test_precision_sets_what_cuda_computes_with(precision, mode, layers):
     is switched and the decoder has no bf16 layers. (The flags are settable without a GPU.)"""
     from conftest import tiny_codec
 
-    from pipeline.model.snac48 import from_codec
+    from pipeline.model.codecs.snac import from_codec
     from pipeline.training.device import fp32_math, set_precision
-    dec = from_codec(tiny_codec(), 48000).decoder
+    model = from_codec(tiny_codec(), 48000)
     saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     try:
-        set_precision(precision, torch.device("cuda"), dec)
+        low, _ = set_precision(precision, torch.device("cuda"), model)
         assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (mode, mode)
-        assert (dec.bf16_layers > 0) == layers
+        assert (low > 0) == layers
         with fp32_math(torch.device("cuda")):              # validation: IEEE whatever the precision
             assert torch.backends.cudnn.conv.fp32_precision == "ieee"
         assert torch.backends.cudnn.conv.fp32_precision == mode
-        set_precision(precision, torch.device("cpu"), dec)
-        assert dec.bf16_layers == 0
+        assert set_precision(precision, torch.device("cpu"), model)[0] == 0
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
 

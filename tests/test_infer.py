@@ -20,9 +20,9 @@ from pipeline.__main__ import error_message, main
 from pipeline.data import audio as A
 from pipeline.evaluation import infer
 from pipeline.evaluation.chunked import Chunker
-from pipeline.model import snac48 as M
-from pipeline.model.codec import build_codec, geometry, noise_disabled
-from pipeline.model.democodec import quantize_with_losses, reset_dead_codes
+from pipeline.model.codecs import snac as M
+from pipeline.model.codecs.snac import geometry
+from pipeline.model import codecs
 
 SEAM_TOL = 1e-5     # chunked vs whole-file output, anywhere (measured: < 1e-6 on outputs up to 0.9)
 
@@ -41,7 +41,7 @@ def model_for(config, seed=7):
     """A 2x model over a tiny SNAC whose codebooks are seeded from its own latents of speech-like
     audio (so codes are informative), as conftest.tiny_codec does, on inputs long enough for
     whole attention windows."""
-    codec = build_codec(config, seed=seed)
+    codec = codecs.build(config, seed=seed)
     rate = config["sampling_rate"]
     n = geometry(config, 2 * rate).pad_to * 8
     x = torch.from_numpy(np.stack([speechlike(n / rate + 0.01, rate, seed=s)[:n] for s in range(4)]))[:, None]
@@ -50,9 +50,9 @@ def model_for(config, seed=7):
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         seen = []
-        quantize_with_losses(codec.quantizer, codec.encoder(x), seen)
+        codec.quantize_with_losses(codec.encoder(x), seen)
         usage = [torch.zeros(config["codebook_size"], dtype=torch.long) for _ in seen]
-        reset_dead_codes(codec.quantizer, usage, [z for _, z in seen], np.random.default_rng(seed))
+        codec.reset_dead_codes(usage, [z for _, z in seen], np.random.default_rng(seed))
     return M.from_codec(codec.eval(), 2 * rate).eval()
 
 
@@ -60,7 +60,7 @@ def model_for(config, seed=7):
 def model_dir(tmp_path_factory):
     """A saved model without noise blocks, so that every decode is deterministic."""
     d = tmp_path_factory.mktemp("model")
-    M.save_model(model_for(dict(TINY_24K, noise=False)), d)
+    codecs.save_model(model_for(dict(TINY_24K, noise=False)), d)
     return d
 
 
@@ -79,10 +79,10 @@ def test_chunked_equals_whole_file(family):
     assert q == (32 if cfg["attn_window_size"] else max(cfg["vq_strides"]))
     chunk_seconds = max(q, 16) * g.hop / g.codec_rate           # one quantum, or four of the 24 kHz codec
     ch = Chunker(model, chunk_seconds)
-    assert ch.chunk == max(q, 16) and ch.enc_context % q == 0 and ch.dec_context % q == 0 and ch.dec_context > 0
+    assert ch.chunk == max(q, 16) and all(c % q == 0 for c in ch.enc_context + ch.dec_context) and max(ch.dec_context) > 0
     rate = cfg["sampling_rate"]
     x = np.concatenate([speechlike(1.0, rate, s) for s in range(3)])[:int(2.9 * rate)]
-    with noise_disabled(model), torch.no_grad():
+    with model.noise_disabled(), torch.no_grad():
         whole = model.encode(torch.from_numpy(x)[None, None])
         frames = whole[-1].shape[-1] * g.strides[-1]
         spans = list(ch.spans(frames, ch.dec_context))
@@ -97,15 +97,15 @@ def test_chunked_equals_whole_file(family):
         assert y.shape == y_whole.shape
         assert np.abs(y - y_whole).max() < SEAM_TOL
         # without context the seams show: the test would catch a chunker that ignored the reach
-        naive = Chunker(model, chunk_seconds, context=(0, 0))
+        naive = Chunker(model, chunk_seconds, context=((0, 0), (0, 0)))
         assert np.abs(np.concatenate(list(naive.decode(whole))) - y_whole).max() > 1000 * SEAM_TOL
         assert differing(naive.encode([x])[0], whole) > 0.05
 
 
 def test_the_model_never_sees_more_than_one_chunk(model_dir):
     """Memory is bounded by the chunk, not the input: every call into the model gets at most
-    chunk + 2 context frames, however long the input."""
-    model = M.load_model(model_dir)
+    chunk + left + right context frames, however long the input."""
+    model = codecs.load_model(model_dir)
     g = model.geometry
     ch = Chunker(model, chunk_seconds=0.5)
     seen = {"enc": [], "dec": []}
@@ -115,8 +115,8 @@ def test_the_model_never_sees_more_than_one_chunk(model_dir):
     x = speechlike(6.0, g.codec_rate, 3)
     codes, n = ch.encode(x[i:i + 20000] for i in range(0, len(x), 20000))
     pieces = list(ch.decode(codes))
-    assert len(seen["enc"]) >= 10 and max(seen["enc"]) <= ch.chunk + 2 * ch.enc_context
-    assert len(seen["dec"]) >= 10 and max(seen["dec"]) <= ch.chunk + 2 * ch.dec_context
+    assert len(seen["enc"]) >= 10 and max(seen["enc"]) <= ch.chunk + sum(ch.enc_context)
+    assert len(seen["dec"]) >= 10 and max(seen["dec"]) <= ch.chunk + sum(ch.dec_context)
     assert max(len(p) for p in pieces) == ch.chunk * g.hop_target
 
 
@@ -131,7 +131,7 @@ def test_audio_is_read_in_blocks_equal_to_the_one_shot_read(tmp_path):
 
 # ---- resynth and decode end to end ------------------------------------------------------------
 def test_resynth_streams_and_matches_the_whole_file_computation(model_dir, tmp_path, capsys):
-    model = M.load_model(model_dir)
+    model = codecs.load_model(model_dir)
     g = model.geometry
     src = tmp_path / "in.wav"
     sf.write(src, np.stack([speechlike(3.0, 44100, 1), speechlike(3.0, 44100, 2)], 1), 44100)   # stereo
@@ -156,7 +156,7 @@ def test_resynth_streams_and_matches_the_whole_file_computation(model_dir, tmp_p
 def test_decode_writes_one_file_per_batch_row(model_dir, tmp_path, capsys):
     """(B, T) arrays are B clips: OUT-0 ... OUT-{B-1}, each the decode of its row alone, never one
     flattened clip; (1, T) and (T,) give OUT itself."""
-    model = M.load_model(model_dir)
+    model = codecs.load_model(model_dir)
     g = model.geometry
     rng = np.random.default_rng(0)
     T = 6 * g.quantum
@@ -189,7 +189,7 @@ def _decode_error(model_dir, tmp_path, capsys, *arrays, name="codes.npz"):
 
 
 def test_decode_refuses_codes_that_do_not_fit(model_dir, tmp_path, capsys):
-    g = M.load_model(model_dir).geometry
+    g = codecs.load_model(model_dir).geometry
     T = 4 * g.quantum
     ok = [np.arange(T // s) % g.codebook_size for s in g.strides]
     err = lambda *a: _decode_error(model_dir, tmp_path, capsys, *a)

@@ -126,7 +126,7 @@ def test_cuda_matches_cpu():
 def test_reflect_pad_is_torchs_reflect_pad(left, right):
     """The pad the STFT, mel and period discriminators use instead of F.pad(mode="reflect") (whose
     CUDA backward `deterministic: true` refuses): the same values, the same gradients."""
-    from pipeline.training.losses import reflect_pad
+    from pipeline.training.spectral import reflect_pad
     x = torch.randn(2, 1, 12, dtype=torch.float64, requires_grad=True)
     y = x.detach().clone().requires_grad_()
     ours, theirs = reflect_pad(x, left, right), torch.nn.functional.pad(y, (left, right), mode="reflect")
@@ -143,7 +143,7 @@ def test_centred_stft_and_mel_equal_torchs_center_true():
     torchaudio give with center=True (reflect)."""
     import torchaudio
 
-    from pipeline.training.losses import stft
+    from pipeline.training.spectral import stft
     x = torch.randn(2, 4000)
     w = torch.hann_window(512)
     ref = torch.stft(x, 512, 128, window=w, center=True, pad_mode="reflect", return_complex=True)

@@ -9,35 +9,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TINY_MIMI as TINY
 from test_train import cubic_interpolation, snr_db
 
-from pipeline.model.codec import noise_disabled, state_digest
+from pipeline.model import codecs
 from pipeline.model.codecs import family_of
 from pipeline.model.codecs import mimi as M
-from pipeline.model.snac48 import param_groups
+from pipeline.model.codecs.base import state_digest
+from pipeline.training.groups import param_groups
 
-TINY = dict(hidden_size=16, num_filters=4, num_hidden_layers=1, intermediate_size=32, num_attention_heads=2,
-            num_key_value_heads=2, head_dim=8, codebook_size=64, codebook_dim=8,
-            vector_quantization_hidden_dimension=8, num_quantizers=6, upsample_groups=16)
 N_Q = 4
-
-
-@pytest.fixture(scope="module")
-def mimi_dir(tmp_path_factory):
-    """A tiny Mimi saved by transformers' save_pretrained; codebooks random (transformers
-    initialises them to zeros: every latent would get code 0)."""
-    config = transformers.MimiConfig(**TINY)
-    assert config.upsampling_ratios == [8, 6, 5, 4] and config.frame_rate == 12.5 and config.sliding_window == 250
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = transformers.MimiModel(config).eval()
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                if name.endswith("embed_sum"):
-                    buf.normal_()
-    folder = tmp_path_factory.mktemp("mimi")
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +62,7 @@ def test_folder_loads_strictly_frozen_and_is_told_by_its_config(mimi_dir, codec,
 
 
 def test_geometry_is_derived_from_the_config(codec):
-    g = codec.geometry(48000)
+    g = codec.geometry_at(48000)
     assert (g.codec_rate, g.hop, g.hop_target, g.strides, g.pad_to, g.quantum, g.codebook_size) == \
         (24000, 1920, 3840, (1,) * N_Q, 1920, 1, 64)
     assert [g.frames(n) for n in (1, 1920, 1921, 24000)] == [1, 1, 2, 13]
@@ -113,7 +94,7 @@ def test_encode_and_decode_are_transformers_own_and_causal(mimi_dir, codec):
     assert all(torch.equal(p, c[:, :3]) for p, c in zip(prefix, codes))
     tol = 1e-4 * float(y.abs().max())                               # float rounding of other lengths
     torch.testing.assert_close(codec.decode([c[:, :3] for c in codes]), y[..., :3 * 1920], rtol=0, atol=tol)
-    with noise_disabled(codec):                                     # no noise blocks: a no-op
+    with codec.noise_disabled():                                    # no noise blocks: a no-op
         assert torch.equal(codec.decode(codes), y)
 
 
@@ -192,19 +173,20 @@ def test_mimi48_save_and_load(codec, tmp_path):
     codes = random_codes(1, 4, seed=2)
     for init, interpolator in (("smart", "cubic"), ("smart", "hold"), ("random", "cubic")):
         m, folder = mimi48(codec, init, interpolator), tmp_path / f"{init}-{interpolator}"
-        M.save_model(m, folder, {"note": 1})
-        back = M.load_model(folder)
+        codecs.save_model(m, folder, {"note": 1})
+        back = codecs.load_model(folder)
         assert back.config == m.config and json.loads((folder / "config.json").read_text())["note"] == 1
         assert torch.equal(m.decode(codes), back.decode(codes))
         # the 24 kHz codec's own weights fit the model as smart init places them
         if init == "smart":
-            adapted = M.adapt_head(m, codec.state_dict())
+            adapted = m.adapt_head(codec.state_dict())
             for k, v in adapted.items():
                 torch.testing.assert_close(v, m.state_dict()[k], rtol=1e-6, atol=1e-7)
     (tmp_path / "snac").mkdir()
-    (tmp_path / "snac" / "config.json").write_text(json.dumps({"format": "phase11-snac48/1"}))
-    with pytest.raises(ValueError, match="not a phase11-mimi48"):
-        M.load_model(tmp_path / "snac")
+    (tmp_path / "snac" / "config.json").write_text(json.dumps({"format": "phase11-snac48/0"}))
+    (tmp_path / "snac" / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="not a 48 kHz model of this pipeline .format 'phase11-snac48/0'"):
+        codecs.load_model(tmp_path / "snac")
 
 
 def test_a_new_block_group_trains_the_new_block_only_and_stages_checkpoint(codec):
@@ -226,7 +208,7 @@ def test_a_new_block_group_trains_the_new_block_only_and_stages_checkpoint(codec
     whole = param_groups(model, [{"pattern": p} for p in M.DECODER], 1e-3)[0]
     trained = {id(p) for g in whole for p in g["params"]}
     assert not any(id(p) in trained for part in model.frozen_parts() for p in part.parameters())
-    assert all(n.startswith(M.FROZEN) for n, p in model.named_parameters() if id(p) not in trained)
+    assert all(n.startswith(model.FROZEN) for n, p in model.named_parameters() if id(p) not in trained)
 
 
 def test_real_mimi_shapes_build_without_weights():
@@ -240,3 +222,31 @@ def test_real_mimi_shapes_build_without_weights():
     assert count["decoder_transformer"] == count["encoder_transformer"] > 20e6
     assert 0 < sum(p.numel() for p in model.decoder.new_block.parameters()) < 1e5
     assert np.isclose(sum(count.values()) / 1e6, 79.3, atol=0.5), count
+
+
+@torch.no_grad()
+def test_lora_wraps_and_merges_on_mimi48(codec):
+    """LoRA on Mimi's decoder path: the transformer's separate q/k/v/o Linears and MLP, the SEANet
+    Conv1d's inside MimiConv1d and the transposed convs: a fresh adapter changes nothing, a trained
+    one changes the output, merged it gives the unmerged output, and the merged model has Mimi48's
+    own modules and keys again."""
+    from pipeline.model.lora import LoRAConfig, apply_lora, lora_layers, merge_lora
+    model = mimi48(codec)
+    keys, codes = set(model.state_dict()), random_codes(1, 4, seed=6)
+    before = model.decode(codes)
+    wrapped = apply_lora(model, LoRAConfig(rank=2, alpha=4.0, targets=["upsample.*", "decoder_transformer.*", "decoder.*"]))
+    names = set(wrapped)
+    assert {f"decoder_transformer.layers.0.self_attn.{p}_proj" for p in "qkvo"} <= names
+    assert {"upsample.conv", "decoder.new_block.0.conv", "decoder.layers.14.conv"} <= names     # convT, new block, head
+    assert any(n.startswith("decoder.layers.") and n.endswith(".block.1.conv") for n in names)        # a residual unit's conv
+    assert not any(n.startswith(("encoder", "quantizer", "downsample")) for n in names)
+    assert torch.equal(model.decode(codes), before)                          # B = 0: a no-op
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if "lora_" in n}
+    for layer in lora_layers(model):
+        layer.lora_B["default"].normal_(0, 0.05)
+    adapted = model.decode(codes)
+    assert (adapted - before).abs().max() > 1e-3
+    merge_lora(model)
+    assert set(model.state_dict()) == keys and not list(lora_layers(model))
+    torch.testing.assert_close(model.decode(codes), adapted, rtol=0, atol=1e-5 * float(adapted.abs().max()))

@@ -11,6 +11,8 @@ import torch
 from browser import CHROMIUM, PAGE_CONTENT, Chromium
 
 from pipeline.evaluation import report as R
+from pipeline.training import figures as F
+from pipeline.model import codecs
 
 SR = 48000
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
@@ -30,15 +32,14 @@ def evaluated(tmp_path_factory):
     from pipeline.data.demo import generate_demo
     from pipeline.data.precompute import run_shard
     from pipeline.evaluation.evaluate import evaluate
-    from pipeline.model import snac48 as M
-    from pipeline.model.codec import save_codec
+    from pipeline.model.codecs import snac as M
     d = tmp_path_factory.mktemp("report")
     generate_demo(d / "demo", seed=3, n_train=1, n_heldout=3, min_seconds=1.0, max_seconds=1.5)
     codec = tiny_codec()
-    save_codec(codec, d / "codec")
-    run_shard(d / "demo/heldout.jsonl", 0, 1, d / "codec", d / "held/shard-000.zarr")
+    codec.save(d / "codec")
+    run_shard(d / "demo/heldout.jsonl", 0, 1, codecs.load(d / "codec"), d / "held/shard-000.zarr")
     for name, init in (("warmup", "smart"), ("full", "random")):
-        M.save_model(M.from_codec(codec, SR, init), d / name)
+        codecs.save_model(M.from_codec(codec, SR, init), d / name)
         steps = range(2, 21, 2)
         (d / name / "metrics.jsonl").write_text("".join(json.dumps(
             {"step": s, "lr": 1e-3, "train/loss": 1 / s, "train/l1": 0.3 / s, **({"val/loss": 1.1 / s} if s % 10 == 0 else {})})
@@ -99,12 +100,12 @@ def test_spectrogram_marks_the_codec_nyquist_and_spans_the_target_band():
     spec = np.fft.rfft(x)
     spec[np.fft.rfftfreq(len(x), 1 / SR) > 12000] = 0
     lp = np.fft.irfft(spec, len(x)).astype(np.float32)
-    ref = R.power_db(x).max()
-    a, b = (plt.imread(io.BytesIO(R.spectrograms_png({"x": y}, SR, None, ref_db=ref)))[..., :3] for y in (x, lp))
+    ref = F.power_db(x).max()
+    a, b = (plt.imread(io.BytesIO(F.spectrograms_png({"x": y}, SR, None, ref_db=ref)))[..., :3] for y in (x, lp))
     diff = np.abs(a - b).sum(-1) > 0.1
     h = a.shape[0]
     assert diff.sum() > 1000 and diff[: h // 2].sum() > 0.8 * diff.sum()    # image row 0 is the top
-    with_line = plt.imread(io.BytesIO(R.spectrograms_png({"x": lp}, SR, 12000.0, ref_db=ref)))[..., :3]
+    with_line = plt.imread(io.BytesIO(F.spectrograms_png({"x": lp}, SR, 12000.0, ref_db=ref)))[..., :3]
     cyan = (with_line[..., 0] < 0.3) & (with_line[..., 1] > 0.7) & (with_line[..., 2] > 0.7)
     assert cyan.any(1).sum() >= 1 and not ((b[..., 0] < 0.3) & (b[..., 1] > 0.7) & (b[..., 2] > 0.7)).any()
 
@@ -115,7 +116,7 @@ def test_tb_log_samples_writes_audio_and_spectrograms(tmp_path):
     target = torch.from_numpy(np.stack([tone_sweep(0.5, seed=s) for s in range(3)]))[:, None]
     preds = {"baseline": 0.5 * target, "final": target + 0.01}
     with SummaryWriter(tmp_path) as w:
-        R.tb_log_samples(w, 7, preds, target, SR, mark_hz=12000.0, max_items=2)
+        F.tb_log_samples(w, 7, preds, target, SR, mark_hz=12000.0, max_items=2)
     ev = EventAccumulator(str(tmp_path), size_guidance={"audio": 0, "images": 0}).Reload()
     audio, images = set(ev.Tags()["audio"]), set(ev.Tags()["images"])
     assert audio == {f"samples/{i}/{n}" for i in (0, 1) for n in ("target", "baseline", "final")}

@@ -11,9 +11,10 @@ from pipeline.data.cache import open_cache
 from pipeline.data.precompute import encode_same_length, run_shard, silence_codes
 from pipeline.data.segments import (SegmentBatches, build_pool, collate, fixed_segments,
                                     open_training_cache, read_segment)
-from pipeline.model.codec import geometry, load_codec
+from pipeline.model.codecs.snac import geometry
 from pipeline.settings import segment_frames
 from pipeline.training.losses import ReconstructionLoss
+from pipeline.model import codecs
 
 SR = 48000
 
@@ -28,7 +29,7 @@ def cache(tiny_codec_dir, tmp_path_factory):
         rows.append({"audio": f"a{i}.wav", "id": f"u{i}"})
     m = write_manifest(d / "m.jsonl", rows)
     for k in range(2):
-        run_shard(m, k, 2, tiny_codec_dir, d / f"shard-{k:03d}.zarr")
+        run_shard(m, k, 2, codecs.load(tiny_codec_dir), d / f"shard-{k:03d}.zarr")
     return d
 
 
@@ -60,8 +61,8 @@ def test_short_utterances_are_padded_and_masked(cache):
 
 
 def test_silence_codes_are_what_the_encoder_gives_for_silence(tiny_codec_dir):
-    codec = load_codec(tiny_codec_dir)
-    geo = geometry(codec, 48000)
+    codec = codecs.load(tiny_codec_dir)
+    geo = codec.geometry_at(48000)
     codes = encode_same_length(codec, np.zeros((1, 24 * geo.pad_to), np.float32), "cpu")
     frames = 24 * geo.pad_to // geo.hop
     for c, s, want in zip(codes, geo.strides, silence_codes(codec, geo, "cpu")):

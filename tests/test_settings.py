@@ -60,7 +60,7 @@ def test_library_defaults_are_the_schemas():
     """What library callers get without a config is the schema's default (the LoRA targets were
     ["*"] in code and ["decoder.*"] in the schema)."""
     from pipeline.data.demo import generate_demo
-    from pipeline.model.democodec import DEFAULTS
+    from pipeline.training.democodec import DEFAULTS
     from pipeline.model.lora import LoRAConfig
     from pipeline.training.losses import MultiResolutionSTFTLoss, ReconstructionLoss
     lora = S.TRAIN_DEFAULTS["lora"]

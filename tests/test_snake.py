@@ -13,8 +13,8 @@ import snac.layers
 import torch
 from conftest import ROOT, TINY_24K, tiny_codec
 
-from pipeline.model import snac48 as M
-from pipeline.model.codec import load_codec, save_codec
+from pipeline.model import codecs
+from pipeline.model.codecs import snac as M
 from pipeline.model.snake import Snake1d, script_calls, snake
 
 ATTENTION = {**TINY_24K, "attn_window_size": 4, "decoder_dim": 64}   # the 32/44 kHz kind: LocalMHA (64-wide heads)
@@ -40,7 +40,7 @@ def test_official_layout_loads_unchanged_and_decodes_as_snac_does(tiny_codec_dir
     ref = snac.SNAC.from_config(str(tiny_codec_dir / "config.json"))
     ref.load_state_dict(torch.load(tiny_codec_dir / "pytorch_model.bin", weights_only=True))
     ref.eval()
-    mine = load_codec(tiny_codec_dir)
+    mine = codecs.load(tiny_codec_dir)
     assert list(mine.state_dict()) == list(ref.state_dict())
     assert any(k.endswith(".alpha") for k in mine.state_dict())
     kinds = {type(m) for m in mine.modules()}
@@ -63,23 +63,24 @@ def test_no_torchscript_in_the_models_forward(tmp_path):
     assert script_calls(snac.layers.Snake1d(4)) == ["Snake1d.forward -> snake"]
     codec = tiny_codec()
     model = M.from_codec(codec, 48000)
-    save_codec(model_codec := codec, tmp_path / "c")
-    for m in (*model.modules(), *load_codec(tmp_path / "c").modules(), *model_codec.modules()):
+    codec.save(tmp_path / "c")
+    for m in (*model.modules(), *codecs.load(tmp_path / "c").modules(), *codec.modules()):
         assert script_calls(m) == [], m
 
 
 GRADS = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from pipeline.model import snac48 as M
-from pipeline.model.codec import build_codec, noise_disabled
+from pipeline.model import codecs
+from pipeline.model.codecs import snac as M
 from pipeline.training.device import set_precision
+from pipeline.training.stages import DecoderRun
 device = torch.device(sys.argv[3])
 results = []
 for cfg in json.loads(sys.argv[2]):
     torch.manual_seed(0)
-    model = M.from_codec(build_codec(cfg, 3), 48000, "smart").train().to(device)
-    set_precision("fp32", device, model.decoder)
+    model = M.from_codec(codecs.build(cfg, 3), 48000, "smart").train().to(device)
+    set_precision("fp32", device, model)
     for p in model.decoder.parameters():
         p.requires_grad_(True)
     dec = model.decoder
@@ -91,13 +92,13 @@ for cfg in json.loads(sys.argv[2]):
     codes = [torch.randint(g.codebook_size, (2, 4 * g.quantum // s)).to(device) for s in g.strides]
     target = torch.randn(2, 1, 4 * g.quantum * g.hop_target).to(device) * 0.1
     grads = {}
-    with noise_disabled(model):
+    with model.noise_disabled():
         # checkpointed first: the process's first backward through Snake, where TorchScript's
         # profiling executor used to hand the recomputation other tensors than the forward saved
         for ck in (True, False):
-            dec.checkpointing = ck
+            run = DecoderRun(model, checkpointing=ck)      # the trainer's decoder path
             model.zero_grad(set_to_none=True)
-            (dec(model.quantizer.from_codes(codes)) - target).square().mean().backward()
+            (run(model.latents(codes)) - target).square().mean().backward()
             grads[ck] = {k: [p.grad.clone() for m in ms for p in m.parameters() if p.grad is not None]
                          for k, ms in kinds.items()}       # noise off: the noise projections get none
     out = {}

@@ -9,14 +9,16 @@ import torch
 from conftest import run, settings, tiny_codec
 
 from pipeline.data import audio as A
-from pipeline.model import snac48 as M
+from pipeline.model.codecs import snac as M
 from pipeline.training import train as T
 from pipeline.data.cache import open_cache
-from pipeline.model.codec import load_codec, noise_disabled, state_digest
+from pipeline.model.codecs.base import state_digest
 from pipeline.data.segments import build_pool, collate, fixed_segments
 from pipeline.settings import segment_frames
 from pipeline.training.losses import ReconstructionLoss
 from pipeline.data.precompute import run_shard
+from pipeline.model import codecs
+from pipeline.model.codecs import heads as H
 
 
 def snr_db(ref, x):
@@ -90,7 +92,7 @@ def test_smart_init_head_is_the_dilated_head_at_step_0():
     old = copy.deepcopy(smart)
     old.decoder.model[-2] = dilated_head(codec, 2)
     codes = [torch.randint(0, 64, (2, 8 * 4 // s)) for s in smart.geometry.strides]
-    with torch.no_grad(), noise_disabled(smart), noise_disabled(old):
+    with torch.no_grad(), smart.noise_disabled(), old.noise_disabled():
         torch.testing.assert_close(smart.decode(codes), old.decode(codes), rtol=0, atol=1e-7)
 
 
@@ -99,7 +101,7 @@ def cubic_interpolation(x, r):
     definition, not the head smart init builds from it)."""
     stuffed = x.new_zeros(*x.shape[:-1], x.shape[-1] * r)
     stuffed[..., ::r] = x
-    k = M.keys_cubic(r).to(x.dtype)
+    k = H.keys_cubic(r).to(x.dtype)
     flat = stuffed.reshape(-1, 1, stuffed.shape[-1])
     return torch.nn.functional.conv1d(flat, k[None, None], padding=len(k) // 2).reshape(stuffed.shape)
 
@@ -110,18 +112,18 @@ def test_smart_init_cubic_head_is_the_cubic_interpolation_at_step_0(target_rate)
     tanh), zero-stuffed and convolved with Keys' cubic kernel: r - 1 samples between every two
     kept ones, for r = 2 and 3. Checked against that definition, not against head_taps."""
     codec = tiny_codec()
-    heads = {i: M.from_codec(codec, target_rate, "smart", interpolator=i) for i in M.INTERPOLATORS}
+    heads = {i: M.from_codec(codec, target_rate, "smart", interpolator=i) for i in H.INTERPOLATORS}
     r = heads["cubic"].decoder.factor
     model = heads["hold"]
     codes = [torch.randint(0, 64, (2, 8 * 4 // s)) for s in model.geometry.strides]
-    with torch.no_grad(), noise_disabled(model):             # the features the head sees
+    with torch.no_grad(), model.noise_disabled():             # the features the head sees
         x = model.quantizer.from_codes(codes)
         for layer in [*model.decoder.model[:-3], model.decoder.new_block, model.decoder.model[-3]]:
             x = layer(x)
         held, cubic = heads["hold"].decoder.model[-2](x), heads["cubic"].decoder.model[-2](x)
         bias = heads["hold"].decoder.model[-2].bias[:, None]
         want = cubic_interpolation(held[..., ::r] - bias, r) + bias
-    k = M.keys_cubic(r)
+    k = H.keys_cubic(r)
     assert k[len(k) // 2] == 1 and not k[len(k) // 2 + r::r].any()
     inner, tol = slice(4 * r, -4 * r), 1e-4 * float(want.abs().max())   # away from the edges' zero padding
     torch.testing.assert_close(cubic[..., inner], want[..., inner], rtol=0, atol=tol)
@@ -133,12 +135,12 @@ def test_smart_init_head_can_shape_the_new_band():
     """A conv dilated by r has a magnitude response periodic in codec_rate and so mirrored about
     the codec Nyquist: |H(f)| = |H(codec_rate - f)|; the 13-tap head starts so and is free after a
     few steps toward a target with energy only in the new band (codec Nyquist .. target Nyquist)."""
-    from pipeline.model.snac48 import spread_taps
+    from pipeline.model.codecs.snac import spread_taps
     codec = tiny_codec()
     model = M.from_codec(codec, 48000, "smart", interpolator="hold")
     g, r = model.geometry, model.decoder.factor
     codes = [torch.randint(0, 64, (2, 8 * 4 // s)) for s in g.strides]
-    with torch.no_grad(), noise_disabled(model):           # the features the head sees
+    with torch.no_grad(), model.noise_disabled():           # the features the head sees
         x = model.quantizer.from_codes(codes)
         for layer in [*model.decoder.model[:-3], model.decoder.new_block, model.decoder.model[-3]]:
             x = layer(x)
@@ -170,14 +172,14 @@ def test_smart_init_head_geometry_survives_save_and_load(tmp_path):
     codes = [torch.randint(0, 64, (1, 8 * 4 // s)) for s in (4, 2, 1)]
     for init, interpolator, taps in (("smart", "cubic", 19), ("smart", "hold", 13), ("random", "cubic", 7)):
         m, folder = M.from_codec(codec, 48000, init, interpolator=interpolator), tmp_path / (interpolator if init == "smart" else init)
-        M.save_model(m, folder)
-        back = M.load_model(folder)
+        codecs.save_model(m, folder)
+        back = codecs.load_model(folder)
         assert back.decoder.model[-2].kernel_size == (taps,) and back.config["head"] == {"kernel_size": taps}
-        with noise_disabled(m), noise_disabled(back):
+        with m.noise_disabled(), back.noise_disabled():
             assert torch.equal(m.decode(codes), back.decode(codes))
     from safetensors.torch import load_file, save_file
     old = tmp_path / "old"
-    M.save_model(M.load_model(tmp_path / "hold"), old)
+    codecs.save_model(codecs.load_model(tmp_path / "hold"), old)
     cfg = json.loads((old / "config.json").read_text())
     cfg["new_block"]["head_dilation"] = 2
     del cfg["head"]
@@ -186,37 +188,38 @@ def test_smart_init_head_geometry_survives_save_and_load(tmp_path):
     key = next(k for k in sd if k.endswith("original1") and sd[k].shape[-1] == 13)
     sd[key] = sd[key][..., ::2].contiguous()
     save_file(sd, old / "model.safetensors")
-    with noise_disabled(back := M.load_model(tmp_path / "hold")), noise_disabled(conv := M.load_model(old)):
+    back, conv = codecs.load_model(tmp_path / "hold"), codecs.load_model(old)
+    with back.noise_disabled(), conv.noise_disabled():
         assert conv.config["head"] == {"kernel_size": 13}
         assert torch.equal(back.decode(codes), conv.decode(codes))
     # a 24 kHz SNAC's weights (its 7-tap head) fit the smart model as smart init would place them,
     # either head (a warm start from the official checkpoint goes this way)
-    for interpolator in M.INTERPOLATORS:
+    for interpolator in H.INTERPOLATORS:
         smart = M.from_codec(codec, 48000, "smart", interpolator=interpolator)
-        sd = M.adapt_head(smart, codec.state_dict())
+        sd = smart.adapt_head(codec.state_dict())
         own = smart.state_dict()
         for k in sd:
             torch.testing.assert_close(sd[k], own[k], rtol=1e-6, atol=1e-7)
-        assert M.adapt_head(smart, own) is own
+        assert smart.adapt_head(own) is own
 
 
 @torch.no_grad()
 def test_smart_init_starts_at_the_upsampled_24k_output():
     """Measure: SNR of the 48 kHz output against the soxr upsampling of the 24 kHz decode
     (noise off). Tiny random codec, per clip: smart (cubic) 20.0 dB, smart (hold) 6.9 dB, random
-    -9.9 dB (the demo codec: see snac48.py). Bound: cubic >= hold + 6 dB >= 12 dB, random <= 0 dB."""
+    -9.9 dB (the demo codec: see pipeline/model/codecs/snac.py). Bound: cubic >= hold + 6 dB >= 12 dB, random <= 0 dB."""
     from conftest import speechlike
     codec = tiny_codec()
     models = {"cubic": M.from_codec(codec, 48000, "smart"), "random": M.from_codec(codec, 48000, "random"),
               "hold": M.from_codec(codec, 48000, "smart", interpolator="hold")}
     for seed in range(3):
         x = torch.from_numpy(speechlike(1.5, 24000, seed=10 + seed))[None, None]
-        with noise_disabled(codec):
+        with codec.noise_disabled():
             codes = codec.encode(x)
             ref = A.resample(codec.decode(codes)[0, 0].numpy(), 24000, 48000)
         snr = {}
         for name, m in models.items():
-            with noise_disabled(m):
+            with m.noise_disabled():
                 y = m.decode(codes)[0, 0].numpy()
             n = min(len(ref), len(y))
             snr[name] = snr_db(ref[:n], y[:n])
@@ -232,7 +235,7 @@ def upsampled(y, r, interpolator):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("interpolator", M.INTERPOLATORS)
+@pytest.mark.parametrize("interpolator", H.INTERPOLATORS)
 def test_smart_init_is_the_upsampled_24k_output_up_to_a_tiny_deviation(interpolator):
     """Smart init starts as the 24 kHz output upsampled (held for r samples, or cubic), up to what
     the near-identity new block adds. That deviation must be tiny, not small: a trained
@@ -249,7 +252,7 @@ def test_smart_init_is_the_upsampled_24k_output_up_to_a_tiny_deviation(interpola
     inner = slice(16 * r, -16 * r)        # the heads' zero padding differs at the very edges
     for seed in range(2):
         x = torch.from_numpy(speechlike(1.5, 24000, seed=20 + seed))[None, None]
-        with noise_disabled(codec), noise_disabled(smart):
+        with codec.noise_disabled(), smart.noise_disabled():
             codes = codec.encode(x)
             want = upsampled(codec.decode(codes)[0, 0], r, interpolator).numpy()
             ys = smart.decode(codes)[0, 0].numpy()
@@ -257,7 +260,7 @@ def test_smart_init_is_the_upsampled_24k_output_up_to_a_tiny_deviation(interpola
 
 
 def test_smart_init_has_lower_heldout_loss_at_step_0(small_cache):
-    codec = load_codec(small_cache / "codec")
+    codec = codecs.load(small_cache / "codec")
     held = open_cache(small_cache / "heldout")
     n = segment_frames(0.5, held[0].geometry)
     codes, target, _ = collate(fixed_segments(held, n, 8))
@@ -265,7 +268,7 @@ def test_smart_init_has_lower_heldout_loss_at_step_0(small_cache):
     out = {}
     for init in ("smart", "random"):
         m = M.from_codec(codec, 48000, init)
-        with torch.no_grad(), noise_disabled(m):
+        with torch.no_grad(), m.noise_disabled():
             out[init] = float(loss(m.decode(codes), target)[0])
     assert out["smart"] < out["random"], out
 
@@ -324,7 +327,7 @@ def test_checkpoints_of_another_run_are_moved_aside_not_resumed(small_cache, tmp
 
 @pytest.mark.slow
 def test_phases_chain_encoder_frozen_lora_merged(small_cache, tmp_path):
-    codec = load_codec(small_cache / "codec")
+    codec = codecs.load(small_cache / "codec")
     run(small_cache, "warmup", settings(steps=4), tmp_path / "warmup")
     w = weights(tmp_path / "warmup")
     run(small_cache, "full", settings(steps=4, groups=[{"pattern": "decoder", "trainable": True, "lr_factor": 1.0}]), tmp_path / "full", tmp_path / "warmup")
@@ -350,10 +353,10 @@ def test_phases_chain_encoder_frozen_lora_merged(small_cache, tmp_path):
     assert meta["rank"] == "2" and float(meta["alpha"]) == 4.0 and "decoder.*" in meta["targets"]
     assert lw.keys() == f.keys() and any(not torch.equal(lw[k], f[k]) for k in f)
     # export: final.pt loads with weights_only and by the package's loader
-    M.export_final(tmp_path / "lora", tmp_path / "final.pt")
+    codecs.export_final(tmp_path / "lora", tmp_path / "final.pt")
     blob = torch.load(tmp_path / "final.pt", weights_only=True)
     assert all(torch.equal(blob["state_dict"][k], lw[k]) for k in lw)
-    m = M.load_model(tmp_path / "final.pt")
+    m = codecs.load_model(tmp_path / "final.pt")
     assert m.target_rate == 48000 and m.geometry.hop == 512
     # inference from the command line: any file in (here 44.1 kHz stereo), 48 kHz out
     import subprocess, sys
@@ -414,7 +417,7 @@ def test_param_groups_freeze_and_scale_lr():
     assert lrs[0] == pytest.approx(10 * lrs[1]) and lrs[0] < 1e-3             # same schedule, own factor
     for bad, msg in ((groups + [{"pattern": "decoder.new_block.block.0"}], "overlap"),
                      ([{"pattern": "decoder.nwe_block"}], "decoder.nwe_block"),
-                     ([{"pattern": "encoder", "trainable": True}], "encoder or quantizer")):
+                     ([{"pattern": "encoder", "trainable": True}], "encoder side .encoder, quantizer. stays frozen")):
         with pytest.raises(ValueError, match=msg):
             T.param_groups(model, bad, 1e-3)
 
@@ -432,8 +435,7 @@ def test_preflight_stops_before_training(small_cache, tmp_path):
 
 
 def test_training_refuses_a_cache_of_another_codec(small_cache, tmp_path):
-    from pipeline.model.codec import save_codec
-    save_codec(tiny_codec(seed=8), tmp_path / "other")
+    tiny_codec(seed=8).save(tmp_path / "other")
     shards = sorted(str(p) for p in (small_cache / "cache").glob("shard-*.zarr"))
     held = sorted(str(p) for p in (small_cache / "heldout").glob("shard-*.zarr"))
     with pytest.raises(RuntimeError, match="codec_digest"):
@@ -471,14 +473,14 @@ def test_init_checkpoint_non_strict_and_refusal(small_cache, tmp_path):
     item = [i for i in json.loads((tmp_path / "a/preflight.json").read_text())["items"] if i["item"] == "init_checkpoint"][0]
     assert "non-strict" in item["detail"]
     # a checkpoint lacking decoder tensors this phase trains is refused, naming them
-    sd = {k: v for k, v in load_codec(small_cache / "codec").state_dict().items() if not k.startswith("decoder.model.1.")}
+    sd = {k: v for k, v in codecs.load(small_cache / "codec").state_dict().items() if not k.startswith("decoder.model.1.")}
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "partial.safetensors")
     with pytest.raises(RuntimeError, match="decoder.model.1"):
         run(small_cache, "full", settings(init_checkpoint=str(tmp_path / "partial.safetensors"),
                                           groups=[{"pattern": "decoder"}]), tmp_path / "b")
     # a model with the hold head (13 taps) into the cubic default (19) is refused, naming the
     # setting that fits it; with that setting it loads strictly
-    M.save_model(M.from_codec(load_codec(small_cache / "codec"), 48000, "smart", interpolator="hold"), tmp_path / "hold")
+    codecs.save_model(M.from_codec(codecs.load(small_cache / "codec"), 48000, "smart", interpolator="hold"), tmp_path / "hold")
     whole = {"init_checkpoint": str(tmp_path / "hold"), "groups": [{"pattern": "decoder"}]}
     with pytest.raises(RuntimeError, match="13 taps, this model's 19: smart init's `interpolator`"):
         run(small_cache, "full", settings(**whole), tmp_path / "c")
@@ -498,7 +500,7 @@ def test_several_manifests_sampled_by_weight(small_cache, tmp_path):
         p = small_cache / "demo" / f"part{i}.jsonl"
         p.write_text("\n".join(part) + "\n")
         paths.append(p)
-    run_shard(paths, 0, 1, small_cache / "codec", tmp_path / "shard-000.zarr")
+    run_shard(paths, 0, 1, codecs.load(small_cache / "codec"), tmp_path / "shard-000.zarr")
     shards = open_cache(tmp_path)
     assert sorted(shards[0].table["source"].tolist()) == [0, 1, 1, 2, 2, 2]
     want = {json.loads(r)["id"]: json.loads(r)["dataset_id"] for r in rows}

@@ -17,14 +17,14 @@ from conftest import TINY_24K, run, settings, speechlike, tiny_codec
 from safetensors.torch import load_file
 
 from pipeline.data.segments import SegmentBatches
-from pipeline.model import snac48 as M
-from pipeline.model.codec import noise_disabled
+from pipeline.model.codecs import snac as M
 from pipeline.settings import RUNTIME_KEYS, run_settings
 from pipeline.training import checkpoint as C
 from pipeline.training import train as T
 from pipeline.training.guards import Locked, PhaseLock
 from pipeline.training.preflight import PreflightFailed
 from pipeline.training.schedules import lr_lambda
+from pipeline.training.stages import DecoderRun, bf16_split
 
 _STRAIGHT = {}
 
@@ -129,7 +129,7 @@ def test_output_chosen_by_rank_sum_and_samples_in_tensorboard(small_cache, tmp_p
     the evaluation's metrics on the validation segments; each validation writes audio and
     spectrograms to TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from pipeline.evaluation import metrics as E
+    from pipeline.training import metrics as E
     calls, real = [], E.segment_metrics
 
     def scored(*a, **kw):
@@ -353,19 +353,42 @@ def test_bf16_split_keeps_the_new_band_45_db_above_its_error():
     model = M.from_codec(tiny_codec(), 48000, "smart").train()
     g = model.geometry
     codes = model.encode(torch.from_numpy(speechlike(1.0, g.codec_rate, 3))[None, None])
-    with noise_disabled(model):
+    pretrained = [s.name for s in model.stages()].index("decoder.new_block")     # the stages before the new block
+    with model.noise_disabled():
         ref = model.decode(codes)[0, 0].numpy()
-        dec = model.decoder
-        dec.bf16_layers = dec.bf16_split()
-        split = dec(model.quantizer.from_codes(codes))
-        dec.bf16_layers = len(dec.model) - 3
-        everything = dec(model.quantizer.from_codes(codes))[0, 0].numpy()
-        dec.bf16_layers = 0
+        assert bf16_split(model) == 3                 # the input convolutions and the first block (375 Hz)
+        split = DecoderRun(model, bf16_split(model))(model.latents(codes))
+        everything = DecoderRun(model, pretrained)(model.latents(codes))[0, 0].numpy()
     assert split.dtype == torch.float32
     split = split[0, 0].numpy()
     for lo in (0, g.codec_rate / 2):
         assert band_snr(ref, split, g.target_rate, lo, g.target_rate / 2) >= 45.0
     assert band_snr(ref, everything, g.target_rate, g.codec_rate / 2, g.target_rate / 2) < 45.0
+
+
+def test_setup_in_named_steps_and_the_trainer_owns_precision_and_checkpointing(small_cache, tmp_path):
+    """setup runs data, model, groups, run, optimizer, resume as named steps (its preflight lists
+    them in that order); activation checkpointing and the bf16 split live on the trainer's decoder
+    path (stages.DecoderRun), not on the model, whose own decode stays plain; the run computes
+    what the model computes."""
+    from pipeline.settings import complete
+    from pipeline.training.distributed import Group
+    shards = sorted(str(p) for p in (small_cache / "cache").glob("shard-*.zarr"))
+    held = sorted(str(p) for p in (small_cache / "heldout").glob("shard-*.zarr"))
+    s = complete(settings(activation_checkpointing=True), "train.warmup")
+    t = T.setup("warmup", s, Group(), torch.device("cpu"), small_cache / "codec", 48000, shards, held, None,
+                tmp_path, None, "default")
+    items = [i["item"] for i in json.loads((tmp_path / "preflight.json").read_text())["items"]]
+    order = ["cache = codec's, at codec.target_rate", "start weights", "trainable parameters", "device / precision",
+             "schedule", "resume"]
+    assert [i for i in items if i in order] == order
+    assert isinstance(t.decoder, DecoderRun) and t.decoder.checkpointing and t.decoder.bf16 == 0
+    poked = [n for n, m in t.model.named_modules() for a in ("checkpointing", "bf16", "precision") if a in vars(m)]
+    assert not poked, poked
+    codes = T.collate(t.val[:2])[0]
+    t.model.eval()
+    with t.model.noise_disabled(), torch.no_grad():
+        assert torch.equal(t.decoder(t.model.latents(codes)), t.model.decode(codes))
 
 
 def test_memory_estimate_counts_what_checkpointing_saves():
@@ -411,4 +434,4 @@ def test_configured_target_rate_must_be_the_caches(small_cache, tmp_path):
         T.train("warmup", settings(), small_cache / "codec", shards, held, None, tmp_path, target_rate=96000)
 
 
-TINY_GEOMETRY = M.SNAC48(TINY_24K, 48000).geometry
+TINY_GEOMETRY = M.Snac48(TINY_24K, 48000).geometry

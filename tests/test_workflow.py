@@ -86,7 +86,8 @@ def test_full_demo_run_outputs(built):
 
     # final.pt: weights_only-safe, loadable, identical to model.safetensors beside it and to the
     # output (LoRA merged) of the adapter the config names as final
-    from pipeline.model.snac48 import FORMAT, load_model
+    from pipeline.model.codecs import load_model
+    from pipeline.model.codecs.snac import FORMAT
     source = f"lora/{FINAL_ADAPTER}" if FINAL_ADAPTER else "full"
     blob = torch.load(res / "phase11/final.pt", map_location="cpu", weights_only=True)
     assert set(blob) == {"config", "state_dict"}

@@ -62,9 +62,8 @@ import zarr
 import zarr.codecs
 import zarr.errors
 
+from ..geometry import geometry_of
 from ..locks import FileLock, Held
-
-from ..model.codec import geometry_of
 
 CACHE_FORMAT = 4          # 3: crc32s, crc32c chunks, sentinel fill values, shard index/count, digest;
                           # 4: per-position audio chunk checksums, the rows record, digest over all

@@ -33,7 +33,6 @@ import torch
 
 from . import audio as A
 from .cache import CACHE_FORMAT, ShardLock, ShardWriter, Shard, dump_json
-from ..model.codec import fingerprint, geometry, load_codec, pick_device
 from .manifest import as_paths, parse_manifest, rows_digest, shard_rows
 from ..ui import console, progress
 
@@ -98,7 +97,7 @@ class Preparer:
 
 @torch.inference_mode()
 def encode_same_length(codec, batch: np.ndarray, device) -> list:
-    """Encode (B, T) codec-rate audio, T already a multiple of SNAC's pad_to; returns per codebook
+    """Encode (B, T) codec-rate audio, T already a multiple of the codec's pad_to; returns per codebook
     an int array (B, frames_i). Equal lengths make each row's codes those of encoding it alone."""
     x = torch.from_numpy(batch).to(device)[:, None, :]
     return [c.cpu().numpy() for c in codec.encode(x)]
@@ -123,8 +122,8 @@ def encode_items(codec, geo, items: list, batch_seconds: float, device) -> None:
 
 
 def silence_codes(codec, geo, device) -> list:
-    """Per codebook, the code the frozen encoder gives in the middle of a long silence: what
-    SNAC itself sees past the end of an utterance (it zero-pads to pad_to), so it pads segments."""
+    """Per codebook, the code the frozen encoder gives in the middle of a long silence: what the
+    codec itself sees past the end of an utterance (it zero-pads to pad_to), so it pads segments."""
     codes = encode_same_length(codec, np.zeros((1, 16 * geo.pad_to), dtype=np.float32), device)
     mid = 8 * geo.pad_to // geo.hop
     return [int(c[0, mid // s]) for c, s in zip(codes, geo.strides)]
@@ -135,20 +134,22 @@ def progress_seconds() -> float:
     return float(os.environ.get("PIPELINE_PROGRESS_SECONDS", 30))
 
 
-def run_shard(manifest, shard: int, n_shards: int, codec_dir, out, settings: dict | None = None) -> dict:
+def run_shard(manifest, shard: int, n_shards: int, codec, out, settings: dict | None = None) -> dict:
     """`manifest`: one path or a list (the same list, in the same order, for every shard).
-    Streams (see the module docstring for the memory bound); stats["stage_seconds"] has the
-    time spent reading, resampling, encoding and writing."""
+    `codec`: the frozen codec, loaded (with codec.n_q) on the device it encodes on by the caller:
+    `python -m pipeline precompute-shard` loads it from --codec (the data code imports no model
+    code; it asks the codec object for its geometry, fingerprint and codes). Streams (see the
+    module docstring for the memory bound); stats["stage_seconds"] has the time spent reading,
+    resampling, encoding and writing."""
     manifests = as_paths(manifest)
     s = settings_with_defaults(settings)
     t0 = time.time()
-    lock, writer = ShardLock(out), None    # first: a second writer of this shard fails at once
+    lock, writer = ShardLock(out), None    # before any work: a second writer of this shard fails here
     try:
         rows = shard_rows(parse_manifest(manifests).rows, n_shards)[shard]
-        device = pick_device(s["device"])
-        codec = load_codec(codec_dir, device)
-        geo = geometry(codec, s["target_rate"])
-        fp = fingerprint(codec, s["target_rate"], CACHE_FORMAT)
+        device = next(codec.parameters()).device
+        geo = codec.geometry_at(s["target_rate"])
+        fp = codec.fingerprint(s["target_rate"], CACHE_FORMAT)
         writer = ShardWriter(out, fp, silence_codes(codec, geo, device), shard, n_shards, lock, rows=rows_digest(rows))
         stats = _fill(writer, codec, geo, manifests, rows, shard, s, device, t0)
     except BaseException:

@@ -1,1 +1,2 @@
-"""What users look at: held-out evaluation and inference."""
+"""What users look at: held-out evaluation, the report, inference (resynth, decode, the library's
+Decoder and streams)."""

@@ -7,8 +7,8 @@
     pieces = [s.push(c) for c in chunks] + [s.flush()]
 
 The Decoder holds the model (`dec.model`: eval mode, noise blocks as trained) and uses only what
-every codec family offers: `model.geometry` (rates, hop, strides, quantum, codebook size) and
-`model.decode(codes)`. Bad codes raise the `decode` command's one-line ValueErrors
+every codec family offers (pipeline/model/codecs/base.py): `model.geometry` (rates, hop, strides,
+quantum, codebook size), `model.context()` and `model.decode(codes)`. Bad codes raise the `decode` command's one-line ValueErrors
 (pipeline/evaluation/codes.py). Outputs stay on the model's device.
 """
 from __future__ import annotations
@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.codec import pick_device
-from .chunked import codes_reach
+from ..gpus import pick_device
 from .codes import as_tensors
 from .stream import Stream
 
@@ -27,11 +26,10 @@ class Decoder:
     def __init__(self, model):
         self.model = model
         self.geometry = model.geometry
-        # measured now, not at the first stream: the measurement turns the noise blocks off and on
-        # again, which must not happen inside a caller's own `with noise_disabled(model)`
-        self.context = codes_reach(model)
+        self.context = model.context()["decoder"]
         """(left, right): finest frames of codes before and after a frame that its audio depends
-        on, measured from codes to audio (a few decodes of random codes, noise off)."""
+        on (SNAC: measured from codes to audio, a few decodes of random codes, noise off; Mimi: its
+        transformer's window back, the head's look-ahead forward)."""
 
     @property
     def device(self) -> torch.device:
@@ -69,7 +67,7 @@ def load(path, lora=None, device="auto") -> Decoder:
 
 def open_model(model_path, device="auto", lora=None):
     """-> (model in eval mode, the LoRA tensors loaded); one-line errors for what cannot load."""
-    from ..model.snac48 import load_model
+    from ..model.codecs import load_model
     path, dev = Path(model_path), pick_device(device)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")

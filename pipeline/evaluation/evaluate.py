@@ -34,11 +34,11 @@ import torch
 
 from ..data import audio as A
 from ..data.cache import CACHE_FORMAT, dump_json, open_cache, Shard
-from ..model.codec import fingerprint, load_codec, noise_disabled, pick_device
-from ..model.snac48 import load_model
+from ..gpus import pick_device
+from ..model import codecs
 from ..settings import EVAL_DEFAULTS
 from ..ui import console, progress
-from .metrics import BETTER, evaluate_pair, summarize
+from ..training.metrics import BETTER, evaluate_pair, summarize
 
 def metric_names(settings: dict) -> tuple:
     return tuple(m for m in BETTER if m != "visqol" or settings["visqol"])
@@ -70,12 +70,13 @@ def evaluate(codec_dir, heldout_paths, models: dict, out, settings: dict | None 
     whatever it holds); every model must decode at the cache's rate."""
     s = {**EVAL_DEFAULTS, **(settings or {})}
     device = pick_device(s["device"])
-    codec = load_codec(codec_dir, device)
-    target_rate = target_rate or Shard(heldout_paths[0]).fingerprint["target_rate"]
-    fp = fingerprint(codec, target_rate, CACHE_FORMAT)
+    recorded = Shard(heldout_paths[0]).fingerprint
+    codec = codecs.load(codec_dir, recorded.get("n_q"), device)      # n_q: as the cache was built (codec.n_q)
+    target_rate = target_rate or recorded["target_rate"]
+    fp = codec.fingerprint(target_rate, CACHE_FORMAT)
     shards = open_cache(heldout_paths, expect=fp)
     split = fp["codec_rate"] / 2              # codec Nyquist: above it only the new decoder adds content
-    decoders = {"baseline": None, **{n: load_model(p, device) for n, p in models.items()}}
+    decoders = {"baseline": None, **{n: codecs.load_model(p, device) for n, p in models.items()}}
     for name, model in decoders.items():
         if model is not None and model.target_rate != target_rate:
             raise ValueError(f"model {name} ({models[name]}) decodes at {model.target_rate} Hz, but the held-out "
@@ -196,7 +197,7 @@ def visqol_note(on: bool) -> str:
 def decode(model, codec, codes, n: int, codec_rate: int, target_rate: int) -> torch.Tensor:
     """Target-rate float32 waveform (cpu) of `n` samples: the model's decode, or for the
     baseline (model None) the codec's own decode resampled to the target rate."""
-    with noise_disabled(model or codec):
+    with (model or codec).noise_disabled():
         if model is None:
             y = codec.decode(codes)[0, 0].float().cpu().numpy()
             pred = torch.from_numpy(A.resample(y, codec_rate, target_rate))

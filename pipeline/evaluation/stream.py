@@ -2,7 +2,7 @@
 with no seams.
 
 The decoder's output at finest frame f depends on the codes of frames [f - left, f + right]
-(`chunked.codes_reach` measures both from codes to audio, in whole quanta). So after codes up to
+(`model.context()["decoder"]`, from the codec family, in whole quanta). So after codes up to
 frame n have arrived, the audio of frames before n - right is final: a push decodes the codes of
 [done - left, n) and returns the audio of [done, n - right), where `done` is what earlier pushes
 returned. Every decoded window starts and ends on quantum boundaries (whole coarsest codes, whole
@@ -15,7 +15,10 @@ of one decode of left + push + right frames. Memory: the codes of the last left 
 (plus one push), whatever the stream's length.
 
 Needs only model.geometry and model.decode, so it works for every codec family the pipeline
-decodes (a causal decoder has right = 0: no lag beyond the push).
+decodes (a causal decoder has right = 0: no lag beyond the push). Mimi's decoder looks back through
+its transformer's sliding window (kyutai/mimi: 996 frames, 80 s, a bound from its config): a
+stream holds that many frames and decodes them again at every push, exact but heavy; the tiny
+test Mimi's is 125 frames.
 """
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""The model: the frozen SNAC codec, the 48 kHz decoder, LoRA adapters, the demo codec."""
+"""The model floor: codec families behind one seam (codecs/: SNAC, Mimi) and their 48 kHz models,
+LoRA adapters, the project's Snake."""

@@ -32,7 +32,7 @@ depthwise) convs are supported: each group gets its own rank-r factors, so the d
 base's group structure. Changing alpha at fixed rank scales the update linearly; doubling the
 rank at fixed alpha halves the per-component scale.
 
-Fused QKV: a Linear named `to_qkv` (SNAC's `LocalMHA`) whose out_features is divisible by 3 is
+Fused QKV: a Linear named `to_qkv` (SNAC's local attention has one) whose out_features is divisible by 3 is
 decomposed into three plain Linear projections q/k/v (copies of the weight slices taken when
 `apply_lora` runs, so call it AFTER loading pretrained weights), each wrapped with its own
 adapter. The forward computes the base part as one linear with the concatenated q/k/v weights

@@ -5,8 +5,8 @@ Precision (`precision`, a run setting: it changes the numbers):
     stays fp32.
   * fp32: IEEE fp32 in every matmul and convolution. PyTorch's own default lets cuDNN run fp32
     convolutions in TF32 (10-bit mantissa); here it does not, so fp32 means fp32.
-  * bf16: bf16 autocast over the low-rate start of the pretrained decoder (Decoder48.bf16_split),
-    IEEE fp32 everywhere else.
+  * bf16: bf16 autocast over the low-rate start of the decoder path (stages.bf16_split, applied by
+    stages.DecoderRun), IEEE fp32 everywhere else.
   On CPU all three compute in IEEE fp32. The default is the fastest precision that keeps the
   48 kHz output >= 45 dB SNR against fp32 in 12-24 kHz, as `python -m pipeline gpu-check`
   measured it on one H200 (BENCHMARKS.md, "GPU"): tf32 1.27x fp32's step in warmup and lora and
@@ -29,22 +29,24 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 BACKEND = "inductor"
 
 
-def set_precision(precision: str, device: torch.device, decoder) -> str:
-    """Apply `precision` to this process's math and to the decoder's bf16 split; -> a description."""
+def set_precision(precision: str, device: torch.device, model=None) -> tuple[int, str]:
+    """Apply `precision` to this process's math; -> (how many leading stages of `model`'s decoder
+    path run in bf16: DecoderRun's `bf16`, a description)."""
+    from .stages import bf16_split
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if device.type == "cuda":
         mode = "tf32" if precision == "tf32" else "ieee"
         torch.backends.cuda.matmul.fp32_precision = mode
         torch.backends.cudnn.conv.fp32_precision = mode
-    decoder.bf16_layers = decoder.bf16_split() if precision == "bf16" and device.type == "cuda" else 0
+    low = bf16_split(model) if precision == "bf16" and device.type == "cuda" and model is not None else 0
     if device.type != "cuda":
-        return "fp32 (on CPU every precision computes in fp32)"
+        return low, "fp32 (on CPU every precision computes in fp32)"
     if precision == "tf32":
-        return "TF32 matmuls and convolutions, fp32 storage"
+        return low, "TF32 matmuls and convolutions, fp32 storage"
     if precision == "bf16":
-        return f"bf16 for the first {decoder.bf16_layers} decoder layers, IEEE fp32 for the rest and every loss"
-    return "IEEE fp32 (no TF32)"
+        return low, f"bf16 for the first {low} decoder stages, IEEE fp32 for the rest and every loss"
+    return low, "IEEE fp32 (no TF32)"
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from .losses import reflect_pad, stft
+from .spectral import band_bins, reflect_pad, stft
 
 KEYS = ("enabled", "start_step", "loss", "periods", "period_channels", "stft_n_ffts", "stft_channels",
         "band_edges", "lambdas", "lr", "betas", "weight_decay", "lr_decay", "grad_clip")
@@ -73,18 +73,6 @@ class PeriodDiscriminator(nn.Module):
             x = F.leaky_relu(conv(x), 0.1)
             fmaps.append(x)
         return fmaps, [self.post(x)]
-
-
-def band_bins(n_fft: int, geometry, band_edges) -> list:
-    """[(first bin, end bin)] per band at the target rate: 0, the codec band split at band_edges
-    (fractions of the codec Nyquist), codec Nyquist, target Nyquist (its bin included)."""
-    nyquist = geometry.codec_rate / 2
-    cuts = [round(f * n_fft / geometry.target_rate) for f in (0, *(e * nyquist for e in band_edges), nyquist)]
-    bins = list(zip(cuts, cuts[1:] + [n_fft // 2 + 1]))
-    if any(lo >= hi for lo, hi in bins):
-        raise ValueError(f"STFT size {n_fft} is too small for the bands at {[e * nyquist for e in band_edges]} Hz "
-                         f"and {nyquist:g} Hz: a band would have no bin")
-    return bins
 
 
 class BandSTFTDiscriminator(nn.Module):

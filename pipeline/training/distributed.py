@@ -91,7 +91,7 @@ def init(device_name: str) -> tuple[Group, torch.device]:
     """The process group torchrun describes in the environment (none: one process), and this
     process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    from ..model.codec import pick_device
+    from ..gpus import pick_device
     device = pick_device(device_name)
     if world == 1:
         return Group(), device

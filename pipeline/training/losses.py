@@ -9,7 +9,7 @@ Losses (``torch.nn.Module``, differentiable, return tensors):
   mean over items of per-item losses, padding masked out; returns ``(total, {name: term})`` so
   the trainer can log every term.
 
-The evaluation metrics live in `pipeline.evaluation.metrics`.
+The metrics (pipeline.training.metrics) reuse the STFT and mel losses; both use pipeline.training.spectral.
 
 Conventions shared by everything here:
 
@@ -20,8 +20,10 @@ Conventions shared by everything here:
   ``torch.autocast(..., dtype=torch.bfloat16)``: inputs are cast with ``.float()`` and the
   returned loss is float32.
 * Short signals: an STFT size larger than the signal is clamped to the largest power of two
-  that fits (see `_fit_n_fft`); the mel transform zero-pads signals shorter than its reflect
-  padding allows.
+  that fits (see `spectral.fit_n_fft`); the mel transform zero-pads signals shorter than its
+  reflect padding allows.
+
+The STFT, mel and shape helpers are pipeline.training.spectral's, shared with the metrics.
 """
 from __future__ import annotations
 
@@ -29,9 +31,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-import torchaudio
 
 from ..settings import TRAIN_DEFAULTS
+from .spectral import as_batch, fit_n_fft, magnitude, mel, no_autocast, pair, reflect_pad
 
 __all__ = [
     "MultiResolutionSTFTLoss",
@@ -41,75 +43,6 @@ __all__ = [
 ]
 
 LOSS_TERMS = ("l1", "stft", "mel")
-
-
-# --------------------------------------------------------------------------- helpers
-
-def _as_batch(x, name: str) -> torch.Tensor:
-    """Return ``x`` as a ``(B, T)`` tensor; accepts ``(B, 1, T)``, ``(B, T)`` or ``(T,)``."""
-    x = torch.as_tensor(x)
-    if x.dim() == 1:
-        return x.unsqueeze(0)
-    if x.dim() == 2:
-        return x
-    if x.dim() == 3 and x.shape[1] == 1:
-        return x[:, 0, :]
-    raise ValueError(f"{name}: expected shape (B, 1, T), (B, T) or (T,), got {tuple(x.shape)}")
-
-
-def _pair(pred, target) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten both to ``(B, T)`` and check they match."""
-    p, t = _as_batch(pred, "pred"), _as_batch(target, "target")
-    if p.shape != t.shape:
-        raise ValueError(f"pred and target shapes differ: {tuple(p.shape)} vs {tuple(t.shape)}")
-    if p.shape[-1] < 1:
-        raise ValueError("empty signal (T = 0)")
-    return p, t
-
-
-def _no_autocast(x: torch.Tensor):
-    """Context manager that turns autocast off on ``x``'s device type."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-def _fit_n_fft(n_fft: int, length: int) -> int:
-    """``n_fft`` if the signal is long enough, else the largest power of two <= ``length``.
-
-    torch.stft with ``center=True`` reflect-pads ``n_fft // 2`` samples on each side, which needs
-    ``n_fft // 2 < length``; clamping to ``<= length`` guarantees that and keeps the frame a
-    power of two. On very short signals several resolutions may clamp to the same size; they
-    are then simply counted more than once in the mean.
-    """
-    if n_fft <= length:
-        return n_fft
-    return 1 << (int(length).bit_length() - 1)
-
-
-def reflect_pad(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
-    """``F.pad(x, (left, right), mode="reflect")`` along the last dimension, made of slices, flips
-    and a concatenation. The same numbers, but its backward is deterministic on CUDA, where
-    reflection_pad's backward adds with atomics and `torch.use_deterministic_algorithms(True)`
-    (``deterministic: true``) refuses it. Every reflect pad that training differentiates (STFT
-    and mel centring, the period discriminators) goes through here; ``left, right < T``."""
-    if not left and not right:
-        return x
-    if max(left, right) >= x.shape[-1]:
-        raise ValueError(f"reflect padding ({left}, {right}) needs more than {max(left, right)} samples, "
-                         f"got {x.shape[-1]}")
-    return torch.cat([x[..., 1:left + 1].flip(-1), x, x[..., x.shape[-1] - right - 1:-1].flip(-1)], -1)
-
-
-def stft(x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor) -> torch.Tensor:
-    """Complex STFT of ``(B, T)`` audio, centred as ``torch.stft(center=True, pad_mode="reflect")``
-    centres it, through `reflect_pad` (deterministic on CUDA)."""
-    return torch.stft(reflect_pad(x, n_fft // 2, n_fft // 2), n_fft=n_fft, hop_length=hop, win_length=n_fft,
-                      window=window, center=False, return_complex=True)
-
-
-def _stft_mag(x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor, eps: float) -> torch.Tensor:
-    """Magnitude STFT ``(B, F, frames)`` of float32 ``(B, T)`` audio, floored at ``sqrt(eps)``."""
-    spec = stft(x, n_fft, hop, window)
-    return torch.sqrt(torch.clamp(spec.real.square() + spec.imag.square(), min=eps))
 
 
 # --------------------------------------------------------------------------- losses
@@ -153,14 +86,14 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
     def _mags(self, p: torch.Tensor, t: torch.Tensor):
         """(|X_p|, |X_t|) of float32 (B, T) audio for each resolution."""
         for n_fft in self.n_ffts:
-            n = _fit_n_fft(n_fft, p.shape[-1])
+            n = fit_n_fft(n_fft, p.shape[-1])
             hop = max(1, int(n * self.hop_ratio))
             w = self._window(n, p)
-            yield _stft_mag(p, n, hop, w, self.eps), _stft_mag(t, n, hop, w, self.eps)
+            yield magnitude(p, n, hop, w, self.eps), magnitude(t, n, hop, w, self.eps)
 
     def forward(self, pred, target) -> torch.Tensor:
-        p, t = _pair(pred, target)
-        with _no_autocast(p):
+        p, t = pair(pred, target)
+        with no_autocast(p):
             total = p.new_zeros((), dtype=torch.float32)
             for mp, mt in self._mags(p.float(), t.float()):
                 sc = torch.linalg.vector_norm(mt - mp) / torch.linalg.vector_norm(mt)
@@ -170,8 +103,8 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
     def items(self, pred, target) -> torch.Tensor:
         """The loss of each item on its own, shape (B,): spectral convergence per item, not
         pooled over the batch as in `forward`."""
-        p, t = _pair(pred, target)
-        with _no_autocast(p):
+        p, t = pair(pred, target)
+        with no_autocast(p):
             total = p.new_zeros(p.shape[0], dtype=torch.float32)
             for mp, mt in self._mags(p.float(), t.float()):
                 sc = torch.linalg.vector_norm(mt - mp, dim=(1, 2)) / torch.linalg.vector_norm(mt, dim=(1, 2))
@@ -189,7 +122,7 @@ class MelL1Loss(torch.nn.Module):
     padding (``T <= n_fft // 2``) are zero-padded on the right to ``n_fft`` samples.
     """
 
-    # n_fft and n_mels: the evaluation's mel_l1 metric (pipeline/evaluation/metrics.py) is this loss
+    # n_fft and n_mels: the evaluation's mel_l1 metric (pipeline/training/metrics.py) is this loss
     # at its defaults, a fixed measure; the training loss passes the phase's n_mels (ReconstructionLoss)
     def __init__(self, sample_rate: int, n_fft: int = 2048, hop_length: int | None = None,
                  n_mels: int = 128, f_min: float = 0.0, f_max: float | None = None, eps: float = 1e-5):
@@ -199,19 +132,15 @@ class MelL1Loss(torch.nn.Module):
         self.sample_rate = int(sample_rate)
         self.n_fft = int(n_fft)
         self.eps = float(eps)
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=self.sample_rate, n_fft=self.n_fft,
-            hop_length=hop_length if hop_length is not None else self.n_fft // 4,
-            n_mels=n_mels, f_min=f_min, f_max=f_max, power=1.0,
-            window_fn=torch.hann_window, center=False,
-        )
+        self.mel = mel(self.sample_rate, self.n_fft, hop_length if hop_length is not None else self.n_fft // 4,
+                       n_mels, f_min, f_max)
 
     def _log_mel(self, x: torch.Tensor) -> torch.Tensor:
         # centred as center=True would centre it, through reflect_pad (deterministic on CUDA)
         return torch.log10(self.mel(reflect_pad(x, self.n_fft // 2, self.n_fft // 2)) + self.eps)
 
     def _diff(self, pred, target) -> torch.Tensor:
-        p, t = _pair(pred, target)
+        p, t = pair(pred, target)
         p, t = p.float(), t.float()
         if p.shape[-1] <= self.n_fft // 2:
             pad = self.n_fft - p.shape[-1]
@@ -219,12 +148,12 @@ class MelL1Loss(torch.nn.Module):
         return (self._log_mel(p) - self._log_mel(t)).abs()
 
     def forward(self, pred, target) -> torch.Tensor:
-        with _no_autocast(torch.as_tensor(pred)):
+        with no_autocast(torch.as_tensor(pred)):
             return self._diff(pred, target).mean()
 
     def items(self, pred, target) -> torch.Tensor:
         """The loss of each item on its own, shape (B,)."""
-        with _no_autocast(torch.as_tensor(pred)):
+        with no_autocast(torch.as_tensor(pred)):
             return self._diff(pred, target).mean(dim=(1, 2))
 
 
@@ -277,7 +206,7 @@ class ReconstructionLoss(torch.nn.Module):
         self.mel = MelL1Loss(sample_rate, n_mels=n_mels) if "mel" in self.lambdas else None
 
     def forward(self, pred, target, mask=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        p, t = _pair(pred, target)
+        p, t = pair(pred, target)
         pad = mask if isinstance(mask, Padding) or mask is None else Padding(mask)
         if pad is not None and pad.shape != tuple(p.shape):
             raise ValueError(f"mask must be a bool tensor shaped like pred, got {tuple(pad.shape)}")
@@ -288,7 +217,7 @@ class ReconstructionLoss(torch.nn.Module):
         for name, weight in self.lambdas.items():
             per_item = {"l1": _l1_items, "stft": getattr(self.stft, "items", None),
                         "mel": getattr(self.mel, "items", None)}[name]
-            with _no_autocast(p):
+            with no_autocast(p):
                 value = sum(per_item(pp, tt).sum() for pp, tt in parts) / p.shape[0]
             terms[name] = value.detach()
             total = weight * value if total is None else total + weight * value
@@ -308,7 +237,7 @@ class Padding:
     length are computed together, and a batch without padding is one group with no indexing."""
 
     def __init__(self, mask: torch.Tensor):
-        m = _as_batch(mask, "mask")
+        m = as_batch(mask, "mask")
         if m.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor shaped like pred, got {m.dtype} {tuple(m.shape)}")
         self.shape, length = tuple(m.shape), m.shape[-1]

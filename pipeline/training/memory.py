@@ -19,32 +19,33 @@ import copy
 
 import torch
 
-from ..model.codec import build_codec
-from ..model.snac48 import from_codec, param_groups
+from ..model import codecs
 from ..settings import segment_frames
 from .device import set_precision
 from .discriminators import Adversarial
+from .groups import lora_config, param_groups
 from .losses import ReconstructionLoss
+from .stages import DecoderRun, bf16_split
 
 GIB = 1024 ** 3
-GPU_GB = 80          # an H100's memory: the preset must fit it with 10 % headroom
 
 
-def build(codec_config: dict, target_rate: int, s: dict, device):
-    """Model (random weights of the real shapes), what trains, loss and discriminators for a phase."""
-    model = from_codec(build_codec(codec_config, 0), target_rate, s["init"], interpolator=s["interpolator"])
+def build(codec_config: dict, target_rate: int, s: dict, device, n_q: int | None = None):
+    """Model (random weights of the real shapes), what trains, the decoder path as the trainer runs
+    it, loss and discriminators for a phase."""
+    model = codecs.from_codec(codecs.build(codec_config, 0, n_q), target_rate, s["init"],
+                              interpolator=s["interpolator"])
     if s["lora"]["enabled"]:
-        from ..model.lora import LoRAConfig, apply_lora
-        apply_lora(model, LoRAConfig(**{k: v for k, v in s["lora"].items() if k != "enabled"}))
+        from ..model.lora import apply_lora
+        apply_lora(model, lora_config(s))
     groups, _ = param_groups(model, s["groups"], s["lr"])
     model.to(device).train()
-    model.decoder.checkpointing = s["activation_checkpointing"]
-    set_precision(s["precision"], torch.device(device), model.decoder)
+    set_precision(s["precision"], torch.device(device), model)
     # the split on the CPU too: CPU bf16 autocast stands in for CUDA's in the estimate
-    model.decoder.bf16_layers = model.decoder.bf16_split() if s["precision"] == "bf16" else 0
+    run = DecoderRun(model, bf16_split(model) if s["precision"] == "bf16" else 0, s["activation_checkpointing"])
     loss_fn = ReconstructionLoss(target_rate, s["lambdas"], n_ffts=s["n_ffts"], n_mels=s["n_mels"]).to(device)
     adv = Adversarial(s["adversarial"], model.geometry).to(device) if s["adversarial"]["enabled"] else None
-    return model, [p for g in groups for p in g["params"]], loss_fn, adv
+    return model, [p for g in groups for p in g["params"]], run, loss_fn, adv
 
 
 def random_batch(geo, batch: int, frames: int, device):
@@ -52,10 +53,10 @@ def random_batch(geo, batch: int, frames: int, device):
     return codes, 0.1 * torch.randn(batch, 1, frames * geo.hop_target, device=device)
 
 
-def step(model, trainable, loss_fn, adv, codes, target, opt=None, mark=lambda part: None):
+def step(model, run, loss_fn, adv, codes, target, opt=None, mark=lambda part: None):
     """One training step as the trainer takes it (discriminators included); `mark` is told which
     part runs."""
-    pred = model.decode(codes)
+    pred = run(model.latents(codes))
     loss, _ = loss_fn(pred, target)
     if adv:
         mark("discriminator step")
@@ -68,33 +69,34 @@ def step(model, trainable, loss_fn, adv, codes, target, opt=None, mark=lambda pa
         opt.zero_grad(set_to_none=True)
 
 
-def measure_cuda(codec_config: dict, target_rate: int, s: dict) -> dict:
+def measure_cuda(codec_config: dict, target_rate: int, s: dict, n_q: int | None = None) -> dict:
     """Eager, as without torch.compile (which usually needs less). Out of memory is a result."""
     device = torch.device("cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     how = f"measured on {torch.cuda.get_device_name()}"
     try:
-        model, trainable, loss_fn, adv = build(codec_config, target_rate, s, device)
+        model, trainable, run, loss_fn, adv = build(codec_config, target_rate, s, device, n_q)
         opt = torch.optim.AdamW(trainable, lr=s["lr"])
         frames = segment_frames(s["segment_seconds"], model.geometry)
         codes, target = random_batch(model.geometry, s["batch_size"] // s["nproc_per_node"], frames, device)
         for _ in range(2):
-            step(model, trainable, loss_fn, adv, codes, target, opt)
+            step(model, run, loss_fn, adv, codes, target, opt)
         torch.cuda.synchronize()
     except torch.OutOfMemoryError:
         return {"peak_gib": float("inf"), "how": f"{how}: out of memory "
                 f"({torch.cuda.get_device_properties(0).total_memory / GIB:.0f} GiB)"}
     finally:
-        model = trainable = loss_fn = adv = opt = codes = target = None
+        model = trainable = run = loss_fn = adv = opt = codes = target = None
         torch.cuda.empty_cache()
     return {"peak_gib": torch.cuda.max_memory_allocated() / GIB, "how": how}
 
 
-def estimate_cpu(codec_config: dict, target_rate: int, s: dict, probe_seconds: float = 1.0) -> dict:
+def estimate_cpu(codec_config: dict, target_rate: int, s: dict, probe_seconds: float = 1.0,
+                 n_q: int | None = None) -> dict:
     s = copy.deepcopy(s)
     checkpointing, s["activation_checkpointing"] = s["activation_checkpointing"], False
-    model, trainable, loss_fn, adv = build(codec_config, target_rate, s, "cpu")
+    model, trainable, run, loss_fn, adv = build(codec_config, target_rate, s, "cpu", n_q)
     geo = model.geometry
     frames, probe = segment_frames(s["segment_seconds"], geo), segment_frames(probe_seconds, geo)
     scale = (s["batch_size"] // s["nproc_per_node"]) * frames / probe
@@ -110,8 +112,7 @@ def estimate_cpu(codec_config: dict, target_rate: int, s: dict, probe_seconds: f
             saved[where[0]] = saved.get(where[0], 0) + t.untyped_storage().nbytes()
         return t
 
-    dec = model.decoder
-    layers = {f"decoder.model.{i}": m for i, m in enumerate(dec.model)} | {"decoder.new_block": dec.new_block}
+    layers = dict(zip(run.names, run.body))        # the modules the step runs (and hooks see)
     def enter(name):
         def hook(module, x):
             where[0], inputs[name] = name, x[0].nbytes
@@ -123,10 +124,10 @@ def estimate_cpu(codec_config: dict, target_rate: int, s: dict, probe_seconds: f
              for h in (m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave))]
     codes, target = random_batch(geo, 1, probe, "cpu")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step(model, trainable, loss_fn, adv, codes, target, mark=lambda part: where.__setitem__(0, part))
+        step(model, run, loss_fn, adv, codes, target, mark=lambda part: where.__setitem__(0, part))
     for h in hooks:
         h.remove()
-    blocks = [n for n, m in layers.items() if type(m).__name__ == "DecoderBlock"]
+    blocks = [n for n, block in zip(run.names, run.blocks) if block]
     # the discriminators' step is over (its activations freed) before the generator's adversarial
     # pass, while the decoder's graph lives through both
     d_step, g_adv = saved.pop("discriminator step", 0), saved.pop("generator adversarial", 0)
@@ -143,70 +144,7 @@ def estimate_cpu(codec_config: dict, target_rate: int, s: dict, probe_seconds: f
             "state_gib": state / GIB, "activations_gib": scale * activations / GIB}
 
 
-def peak_memory(codec_config: dict, target_rate: int, s: dict) -> dict:
+def peak_memory(codec_config: dict, target_rate: int, s: dict, n_q: int | None = None) -> dict:
     if torch.cuda.is_available():
-        return measure_cuda(codec_config, target_rate, s)
-    return estimate_cpu(codec_config, target_rate, s)
-
-
-def preset(configfiles: list, one_adapter: bool = False) -> tuple:
-    """A preset layered over config/config.yaml (as Snakemake does): (config with defaults, the
-    codec's constructor config, where that came from, {job name: settings} for every training job
-    of the chain, a LoRA adapter as lora:<name> (one_adapter: the first adapter alone)). Without the
-    codec's weights here, an official SNAC model's shapes by the folder's name (random weights: the
-    same speed and memory)."""
-    import json
-    from pathlib import Path
-
-    from ..configdiff import load_config
-    from ..model.codec import OFFICIAL_CONFIGS
-    from ..settings import phase_settings, training_jobs, with_defaults
-    root = Path(__file__).resolve().parents[2]
-    cfg = with_defaults(load_config([root / "config" / "config.yaml", *configfiles]))
-    folder = cfg["codec"]["pretrained"]
-    if folder and (Path(folder) / "config.json").is_file():
-        codec_cfg, source = json.loads((Path(folder) / "config.json").read_text()), folder
-    elif folder:
-        if Path(folder).name not in OFFICIAL_CONFIGS:
-            raise SystemExit(f"error: codec.pretrained {folder} has no config.json here, and its name is not one of "
-                             f"the official SNAC models ({', '.join(OFFICIAL_CONFIGS)}) whose shape the benches know")
-        codec_cfg, source = OFFICIAL_CONFIGS[Path(folder).name], f"random weights shaped like {Path(folder).name}"
-    else:
-        codec_cfg, source = cfg["codec"]["demo"]["config"], "the demo codec's config"
-    jobs = training_jobs(cfg)
-    if one_adapter:             # the first adapter of each phase with adapters
-        jobs = [j for j in jobs if j == next(k for k in jobs if k.phase == j.phase)]
-    phases = {j.name: phase_settings(cfg, j.phase, j.adapter) for j in jobs}
-    return cfg, codec_cfg, source, phases
-
-
-def report(configfiles: list, other_checkpointing: bool = False, one_adapter: bool = False) -> list:
-    """Peak memory per phase of a preset (layered over config/config.yaml, as Snakemake does),
-    with a random-weight codec of the preset's shapes when its weights are not on this machine;
-    other_checkpointing: each phase also with activation checkpointing the other way (marked
-    "what if"), the figures that re-size a preset."""
-    from rich.table import Table
-
-    from ..ui import console
-    cfg, codec_cfg, source, phases = preset(configfiles, one_adapter)
-    how = "measured" if torch.cuda.is_available() else "estimated on the CPU from saved tensors (no GPU here)"
-    t = Table(title=f"peak training memory per process, {how}: {' '.join(map(str, configfiles))} ({source})")
-    for c in ("phase", "micro-batch", "grad_accum", "checkpointing", "precision", "adversarial", "peak GiB",
-              f"fits {GPU_GB:g} GB - 10 %"):
-        t.add_column(c)
-    rows = []
-    if other_checkpointing:
-        phases = {k: v for name, s in phases.items() for k, v in
-                  ((name, s), (f"{name} (what if)", {**s, "activation_checkpointing": not s["activation_checkpointing"]}))}
-    for name, s in phases.items():
-        r = peak_memory(codec_cfg, cfg["codec"]["target_rate"], s)
-        rows.append({"phase": name, "micro_batch": s["batch_size"] // s["nproc_per_node"],
-                     "segment_seconds": s["segment_seconds"], "grad_accum": s["grad_accum"],
-                     "checkpointing": s["activation_checkpointing"], "precision": s["precision"],
-                     "adversarial": s["adversarial"]["enabled"], **r,
-                     "fits": r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9})
-        t.add_row(name, f"{s['batch_size'] // s['nproc_per_node']} x {s['segment_seconds']} s", str(s["grad_accum"]),
-                  str(s["activation_checkpointing"]), s["precision"], str(s["adversarial"]["enabled"]),
-                  f"{r['peak_gib']:.1f}", "yes" if r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9 else "[red]no")
-    console.print(t, width=max(console.width, 130))
-    return rows
+        return measure_cuda(codec_config, target_rate, s, n_q)
+    return estimate_cpu(codec_config, target_rate, s, n_q=n_q)

@@ -1,7 +1,9 @@
 """The trainer: one phase of the 48 kHz decoder, read top to bottom as named steps.
 
     train()                   lock the phase folder, catch stop signals, then:
-      setup()                   data -> model -> optimizer -> resume: one Trainer
+      setup()                   one Trainer: setup_data -> setup_model -> setup_groups -> setup_run
+                                (device, precision, checkpointing) -> setup_adversarial ->
+                                setup_optimizer -> resume -> setup_loader
       train_step()              one optimizer step over grad_accum micro-batches
       validate(), save()        held-out loss (evaluation precision), step checkpoint
       finish()                  phase outputs (+ LoRA file), the run marked finished
@@ -29,9 +31,8 @@ from rich.progress import TextColumn
 
 from ..data.cache import CACHE_FORMAT, CacheError
 from ..data.segments import SegmentBatches, build_pool, collate, fixed_segments, open_training_cache
-from ..evaluation.report import tb_log_samples
-from ..model.codec import fingerprint, load_codec, noise_disabled, state_digest
-from ..model.snac48 import from_codec, load_model, param_groups, save_model
+from ..model import codecs
+from ..model.codecs.base import state_digest
 from ..model.snake import script_calls
 from ..settings import EVAL_DEFAULTS, TRAIN_DEFAULTS, check_segment, run_settings, segment_frames
 from ..ui import console, progress
@@ -39,10 +40,13 @@ from . import checkpoint, distributed
 from . import device as dev
 from .device import compile_in_place, compiled, copy_to, fp32_math, set_precision, use_compile
 from .discriminators import Adversarial
+from .figures import tb_log_samples
+from .groups import lora_config, param_groups
 from .guards import PhaseLock, StopRequest, Stopped, ignore_stop_signals
 from .losses import Padding, ReconstructionLoss
 from .preflight import Preflight
 from .schedules import lr_lambda
+from .stages import DecoderRun
 from .warmstart import read_weights, warm_start
 
 
@@ -110,8 +114,9 @@ class Trainer:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     loss_fn: torch.nn.Module
-    decoder: torch.nn.Module     # model.decoder for training: in DistributedDataParallel with several processes,
-                                 # compiled with `compile` (validation and saving use model.decoder itself)
+    decoder: torch.nn.Module     # the decoder path for training (stages.DecoderRun: precision, checkpointing), in
+                                 # DistributedDataParallel with several processes, compiled with `compile`
+                                 # (validation and saving use the model itself)
     val: list                    # fixed held-out segments
     run: str
     start_weights: str
@@ -131,17 +136,59 @@ class Trainer:
 # ---- setup --------------------------------------------------------------------------------------
 def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_paths, init_dir, out, resume_from,
           adapter) -> Trainer:
+    """One Trainer, in named steps, each adding its checks to the preflight report: the data (the
+    cache this codec built), the model (start weights, LoRA, what trains), the run on the device
+    (precision, activation checkpointing, compile, discriminators), the optimizer, resume, then the
+    loader and the logs."""
     out.mkdir(parents=True, exist_ok=True)
+    seed(s)
+    pf = Preflight(out / "preflight.json", phase, write=group.main)
+    data = setup_data(phase, s, group, codec_dir, target_rate, cache_paths, heldout_paths, pf)
+    model, start_weights, lora = setup_model(s, data, init_dir, target_rate, adapter, pf)
+    groups = setup_groups(s, model, pf)
+    decoder, fast = setup_run(s, model, group, device, pf)
+    adv = setup_adversarial(s, data.geo, group, device, fast, pf)
+    opt, sched = setup_optimizer(s, groups, pf)
+    loss_fn = ReconstructionLoss(data.geo.target_rate, s["lambdas"], n_ffts=s["n_ffts"], n_mels=s["n_mels"]).to(device)
+    run = hashlib.sha256(json.dumps([phase, run_settings(s), start_weights, data.fp, [sh.digest for sh in data.shards]],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    t = Trainer(phase, s, out, group, device, data.geo.target_rate, model, [p for g in groups for p in g["params"]], opt,
+                sched, loss_fn, decoder, data.val, run, start_weights, state=new_state(run, phase), lora=lora, adv=adv)
+    resume(t, resume_from, pf)
+    pf.finish()
+    t.batches = setup_loader(t, data)
+    if group.main:
+        from torch.utils.tensorboard import SummaryWriter
+        t.tb = SummaryWriter(out / "tensorboard", purge_step=t.state["step"] or None)
+        truncate_metrics(out / "metrics.jsonl", t.state["step"])
+    return t
+
+
+def seed(s: dict) -> None:
+    """The global seed, and deterministic kernels when asked (the same numbers on every rerun)."""
     if s["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(s["seed"])
-    pf = Preflight(out / "preflight.json", phase, write=group.main)
 
-    # data: the cache must be the one this codec built, at the configured target rate
-    codec = load_codec(codec_dir)
-    fp = fingerprint(codec, target_rate, CACHE_FORMAT)
+
+@dataclass
+class Data:
+    codec: torch.nn.Module       # the frozen codec (model/codecs), at the cache's n_q
+    fp: dict                     # its cache fingerprint at the target rate
+    geo: object                  # the cache's geometry (rates, hop, strides, quantum)
+    shards: list                 # training shards
+    pool: object                 # the utterances segments are drawn from, after filters
+    n_frames: int                # frames per training segment
+    val: list                    # fixed held-out segments
+
+
+def setup_data(phase, s, group, codec_dir, target_rate, cache_paths, heldout_paths, pf: Preflight) -> Data:
+    """The codec, and the cache it built at the configured target rate; the segments and what they
+    are drawn from; the batch split over the processes."""
+    codec = codecs.load(codec_dir, n_q_of(cache_paths))
+    fp = codec.fingerprint(target_rate, CACHE_FORMAT)
     pf.add("codec weights loaded", True, f"{codec_dir} (sha256 {fp['codec_digest'][:12]})")
     try:
         shards = open_training_cache(cache_paths, fp, s["preload"])
@@ -171,30 +218,43 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
            f"{group.world} (batch {s['batch_size']}: {s['batch_size'] // group.world} segments per process)"
            if s["batch_size"] % group.world == 0 else
            f"batch_size {s['batch_size']} does not split over {group.world} processes (nproc_per_node x nnodes)")
+    return Data(codec, fp, geo, shards, pool, n_frames, val)
 
-    # model: the codec with a new block, or the previous phase's output; what trains
+
+def setup_model(s, data: Data, init_dir, target_rate, adapter, pf: Preflight) -> tuple:
+    """The 48 kHz model to train: the previous phase's output (its encoder side must be the
+    codec's), or the codec with a new block; a warm start; LoRA adapters when the phase has them.
+    -> (model, start weights' identity, (LoRAConfig, adapter, base digest) or None)."""
+    codec = data.codec
     if init_dir:
-        model = load_model(init_dir)
-        same = all(state_digest(part.state_dict()) == state_digest(ref.state_dict())
-                   for part, ref in ((model.encoder, codec.encoder), (model.quantizer, codec.quantizer)))
+        model = codecs.load_model(init_dir)
+        same = type(model).FAMILY == codec.FAMILY and all(
+            state_digest(part.state_dict()) == state_digest(ref.state_dict())
+            for part, ref in zip(model.frozen_parts(), codec.frozen_parts()))
         pf.add("start weights", same, f"{init_dir}" if same else
-               f"{init_dir}: its encoder/quantizer differ from the codec's; the codes would not mean the same thing")
+               f"{init_dir}: its encoder side ({', '.join(p.rstrip('.') for p in codec.FROZEN)}) differs from the "
+               "codec's; the codes would not mean the same thing")
         start_weights = json.loads((Path(init_dir) / "config.json").read_text())["weights_digest"]
     else:
-        model = from_codec(codec, target_rate, s["init"], s["seed"], s["interpolator"])
-        start_weights = f"{fp['codec_digest']}:{s['init']}"
+        model = codecs.from_codec(codec, target_rate, s["init"], s["seed"], s["interpolator"])
+        start_weights = f"{data.fp['codec_digest']}:{s['init']}"
         how = f"smart init ({s['interpolator']})" if s["init"] == "smart" else f"{s['init']} init"
         pf.add("start weights", True, f"codec + new block, {how}")
     if s["init_checkpoint"]:
         start_weights = warm_start(model, s["init_checkpoint"], s["groups"], pf)
     lora = None
     if s["lora"]["enabled"]:
-        from ..model.lora import LoRAConfig, apply_lora
+        from ..model.lora import apply_lora
         base_digest = model.base_digest()
-        cfg = LoRAConfig(**{k: v for k, v in s["lora"].items() if k != "enabled"})
+        cfg = lora_config(s)
         wrapped = apply_lora(model, cfg, adapter)
         pf.add("LoRA adapters", bool(wrapped), f"{adapter!r}: rank {cfg.rank}, alpha {cfg.alpha} on {len(wrapped)} modules")
         lora = (cfg, adapter, base_digest)
+    return model, start_weights, lora
+
+
+def setup_groups(s, model, pf: Preflight) -> list:
+    """The optimizer's parameter groups: what trains, at which lr (the phase's `groups`)."""
     try:
         groups, counts = param_groups(model, s["groups"], s["lr"])
     except ValueError as e:
@@ -202,15 +262,21 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
     pf.add("trainable parameters", sum(c["trainable"] for c in counts) > 0,
            "; ".join(f"{c['pattern']}: {c['params']:,}" + (f" x{c['lr_factor']:g} lr" if c["trainable"] else " frozen")
                      for c in counts))
-    # device: precision, activation checkpointing, torch.compile
+    return groups
+
+
+def setup_run(s, model, group, device, pf: Preflight) -> tuple:
+    """The model on the device, and the trainer's own decoder path (stages.DecoderRun): the
+    precision and activation checkpointing this phase chose live there, not on the model; in
+    DistributedDataParallel with several processes, compiled with `compile`. -> (decoder path,
+    whether compiled)."""
     model.to(device)
-    decoder = model.decoder
+    low, how = set_precision(s["precision"], device, model)
+    decoder = DecoderRun(model, low, s["activation_checkpointing"])
     if group.world > 1:
         decoder = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=[device] if device.type == "cuda" else None)
-    how = set_precision(s["precision"], device, model.decoder)
-    model.decoder.checkpointing = s["activation_checkpointing"]
     if s["activation_checkpointing"]:
-        scripted = [c for m in model.decoder.modules() for c in script_calls(m)]
+        scripted = [c for m in decoder.modules() for c in script_calls(m)]
         pf.add("activation checkpointing", not scripted, "no TorchScript in the decoder's forward" if not scripted else
                f"TorchScript in the decoder's forward breaks the recomputation: {', '.join(sorted(set(scripted)))}")
     fast = use_compile(s["compile"], device)
@@ -219,44 +285,53 @@ def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_
     pf.add("device / precision", True, f"{device} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
            f"{s['precision']}: {how}" + ("; activation checkpointing" if s["activation_checkpointing"] else "")
            + (f"; torch.compile ({dev.BACKEND})" if fast else "") + "; validation in IEEE fp32")
+    return decoder, fast
 
-    adv = None
-    if s["adversarial"]["enabled"]:
-        a = s["adversarial"]
-        adv = Adversarial(a, geo, seed=s["seed"]).to(device)
-        adv.sync = group.average_grads
-        if fast:
-            compile_in_place(adv.discriminator)
-        pf.add("adversarial", True, f"{a['loss']} from step {a['start_step'] + 1}: periods {a['periods']}, STFT sizes "
-               f"{a['stft_n_ffts']} ({sum(p.numel() for p in adv.params):,} parameters); lambdas {a['lambdas']}")
 
-    # optimizer, schedule, loss
+def setup_adversarial(s, geo, group, device, fast: bool, pf: Preflight):
+    """The discriminators and their optimizer when the phase has them (else None)."""
+    if not s["adversarial"]["enabled"]:
+        return None
+    a = s["adversarial"]
+    adv = Adversarial(a, geo, seed=s["seed"]).to(device)
+    adv.sync = group.average_grads
+    if fast:
+        compile_in_place(adv.discriminator)
+    pf.add("adversarial", True, f"{a['loss']} from step {a['start_step'] + 1}: periods {a['periods']}, STFT sizes "
+           f"{a['stft_n_ffts']} ({sum(p.numel() for p in adv.params):,} parameters); lambdas {a['lambdas']}")
+    return adv
+
+
+def setup_optimizer(s, groups: list, pf: Preflight) -> tuple:
+    """AdamW over the groups and the lr schedule. -> (optimizer, scheduler)."""
     opt = torch.optim.AdamW(groups, lr=s["lr"], betas=tuple(s["betas"]), weight_decay=s["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s))
     pf.add("schedule", True, f"{s['schedule']}: lr {s['lr']:g}, warmup {s['warmup_steps']} of {s['steps']} steps, "
            f"to x{s['lr_min_ratio']}; batch {s['batch_size']} x accum {s['grad_accum']}")
-    loss_fn = ReconstructionLoss(geo.target_rate, s["lambdas"], n_ffts=s["n_ffts"], n_mels=s["n_mels"]).to(device)
-    run = hashlib.sha256(json.dumps([phase, run_settings(s), start_weights, fp, [sh.digest for sh in shards]],
-                                    sort_keys=True).encode()).hexdigest()[:16]
-    t = Trainer(phase, s, out, group, device, geo.target_rate, model, [p for g in groups for p in g["params"]], opt,
-                sched, loss_fn, decoder, val, run, start_weights, state=new_state(run, phase), lora=lora, adv=adv)
+    return opt, sched
 
-    resume(t, resume_from, pf)
-    pf.finish()
-    batches = SegmentBatches(shards, pool, n_frames, s["batch_size"], s["seed"], s["steps"] * s["grad_accum"],
-                             s["source_weights"], share=(group.rank, group.world))
-    # loader: pinned batches on CUDA (copies that need no wait); prefetch for two optimizer steps
+
+def setup_loader(t: Trainer, data: Data):
+    """Micro-batches from the step the run resumes at: pinned on CUDA (copies that need no wait),
+    prefetched for two optimizer steps; batch k is a pure function of (seed, k)."""
+    s = t.s
+    batches = SegmentBatches(data.shards, data.pool, data.n_frames, s["batch_size"], s["seed"],
+                             s["steps"] * s["grad_accum"], s["source_weights"], share=(t.group.rank, t.group.world))
     workers = s["num_workers"]
-    t.batches = iter(torch.utils.data.DataLoader(
+    return iter(torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(t.state["step"] * s["grad_accum"], len(batches))),
         batch_size=None, num_workers=workers, prefetch_factor=max(2, -(-2 * s["grad_accum"] // workers)) if workers else None,
-        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+        pin_memory=t.device.type == "cuda", worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(s["seed"])))   # not the global RNG: resume restores that
-    if group.main:
-        from torch.utils.tensorboard import SummaryWriter
-        t.tb = SummaryWriter(out / "tensorboard", purge_step=t.state["step"] or None)
-        truncate_metrics(out / "metrics.jsonl", t.state["step"])
-    return t
+
+
+def n_q_of(cache_paths) -> int | None:
+    """The number of codebooks the cache was built with (its fingerprint's n_q: codec.n_q, a
+    precompute setting; a SNAC cache records none: all). One zarr.json read; a shard that has none
+    is reported where the cache is opened."""
+    from ..data.manifest import shard_record
+    record = shard_record(cache_paths[0]) if cache_paths else None
+    return ((record or {}).get("fingerprint") or {}).get("n_q")
 
 
 def new_state(run: str, phase: str) -> dict:
@@ -318,7 +393,7 @@ def train_step(t: Trainer, step: int) -> dict:
         (codes, target, mask), pad, real = next_batch(t)
         # several processes: gradients are averaged on the last micro-batch's backward only
         with t.decoder.no_sync() if t.group.world > 1 and i < s["grad_accum"] - 1 else nullcontext():
-            pred = t.decoder(t.model.quantizer.from_codes(codes))
+            pred = t.decoder(t.model.latents(codes))
             loss, terms = t.loss_fn(pred, target, pad)
             if t.adv and t.adv.active(step):        # one discriminator step per optimizer step
                 terms.update(t.adv.discriminator_step(target, pred, mask, part=(i, s["grad_accum"])))
@@ -388,7 +463,7 @@ def validate(t: Trainer) -> float:
     began = time.perf_counter()
     mine = t.val[t.group.rank::t.group.world]          # split across processes, summed below
     total, n = 0.0, 0
-    with noise_disabled(t.model), fp32_math(t.device):
+    with t.model.noise_disabled(), fp32_math(t.device):
         for i in range(0, len(mine), t.s["batch_size"]):
             codes, target, mask = collate(mine[i:i + t.s["batch_size"]])
             pred = t.model.decode([c.to(t.device) for c in codes])
@@ -469,7 +544,6 @@ def finish(t: Trainer, metrics: dict) -> dict:
         return t.state
     t.tb.close()
     model = t.model.eval()
-    model.decoder.bf16_layers, model.decoder.checkpointing = 0, False
     extra = {"phase": t.phase, "run": t.run, "steps": t.s["steps"], "settings": run_settings(t.s),
              "init": t.start_weights, "best_val": t.state["best"], "nonfinite_skipped": t.state["nonfinite_total"],
              "segments_seen": t.state["segments_seen"], "seconds_seen": round(t.state["seconds_seen"], 3)}
@@ -481,7 +555,7 @@ def finish(t: Trainer, metrics: dict) -> dict:
         cfg, adapter, base_digest = t.lora
         save_lora(model, t.out / "lora_weights.safetensors", cfg, adapter, base_digest=base_digest)
         merge_lora(model)
-    save_model(model, t.out, extra)
+    codecs.save_model(model, t.out, extra)
     checkpoint.mark_finished(checkpoint.step_dir(t.ckdir, t.state["step"]))
     best = f" (best validation {t.state['best'][0][0]:.4f} at step {t.state['best'][0][1]})" if t.state["best"] else ""
     console.print(f"[bold]{t.phase} done[/]: {t.out}/model.safetensors{best}")
@@ -493,7 +567,7 @@ def select_by_rank_sum(t: Trainer, n_ffts=EVAL_DEFAULTS["n_ffts"],
     """Load, of the kept checkpoints, the one with the best rank-sum over the evaluation's metrics
     (computed with its n_ffts and LSD floor) on the validation segments (ties: the newer);
     -> what was chosen and why."""
-    from ..evaluation.metrics import rank_sum, segment_metrics
+    from .metrics import rank_sum, segment_metrics
     rows = {}
     for d in checkpoint.step_dirs(t.ckdir):
         t.model.load_state_dict(read_weights(d))          # the weights alone, not the optimizer

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..model.codec import state_digest
-from ..model.snac48 import FROZEN_FOREVER, adapt_head, head_keys, matches
+from ..model.codecs.base import state_digest
 from ..ui import console
+from .groups import matches
 
 
 def read_weights(path) -> dict:
@@ -30,24 +30,24 @@ def read_weights(path) -> dict:
 
 def warm_start(model, path, groups, pf) -> str:
     """Load `path` into the model: strictly, else non-strictly with a table of missing, unexpected
-    and shape-mismatched keys. Refuses frozen (encoder/quantizer) tensors that differ from the
+    and shape-mismatched keys. Refuses tensors of the codec's frozen encoder side that differ from the
     codec's, and missing trained keys that no init covers (only the new block's come from
     `init`). Returns the digest of the weights read (part of the run's identity)."""
     from rich.table import Table
-    sd, own = adapt_head(model, read_weights(path)), model.state_dict()
+    sd, own = model.adapt_head(read_weights(path)), model.state_dict()
     mismatched = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
     unexpected = sorted(k for k in sd if k not in own)
     missing = sorted(k for k in own if k not in sd)
-    changed = [k for k in sd if k.startswith(FROZEN_FOREVER) and k in own and k not in mismatched
+    changed = [k for k in sd if k.startswith(model.FROZEN) and k in own and k not in mismatched
                and not torch.equal(sd[k], own[k])]
     if changed:
-        pf.fail("init_checkpoint", f"{path}: {len(changed)} encoder/quantizer tensors differ from the "
+        pf.fail("init_checkpoint", f"{path}: {len(changed)} tensors of the codec's encoder side differ from the "
                 f"codec's (e.g. {changed[0]}): the codes would change meaning")
     trained = [g["pattern"] for g in groups if g["trainable"]]
     uncovered = [k for k in missing + mismatched if not k.startswith("decoder.new_block.") and "lora_" not in k
                  and any(matches(k, p) for p in trained)]
     if uncovered:
-        head = head_keys(model)[1]
+        head = model.head_key
         hint = (f"; its output head has {sd[head].shape[-1]} taps, this model's {own[head].shape[-1]}: smart "
                 "init's `interpolator` (cubic or hold) sets them" if head in mismatched else "")
         pf.fail("init_checkpoint", f"{path} lacks {len(uncovered)} tensors this phase trains and no init "

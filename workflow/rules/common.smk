@@ -249,7 +249,8 @@ def precompute_settings():
     x-runtime knobs, which bound memory and say where the job runs (same codes)."""
     run, _ = split_runtime("precompute", {k: config["precompute"][k] for k in PRECOMPUTE_DEFAULTS
                                           if k in config["precompute"]})
-    return {**run, "target_rate": config["codec"]["target_rate"]}
+    n_q = config["codec"].get("n_q")          # only when set: a SNAC run's params stay what they were
+    return {**run, "target_rate": config["codec"]["target_rate"], **({"n_q": n_q} if n_q is not None else {})}
 
 
 def precompute_runtime():
@@ -332,8 +333,8 @@ def codec_config():
         return config["codec"]["demo"]["config"]
     path = f"{codec_dir()}/config.json"
     if not os.path.isfile(path):
-        raise WorkflowError(f"codec.pretrained: {path} does not exist (expected the official SNAC "
-                            "layout: config.json + pytorch_model.bin)")
+        raise WorkflowError(f"codec.pretrained: {path} does not exist (expected a codec folder: SNAC's official "
+                            "layout, config.json + pytorch_model.bin, or a Mimi folder from save_pretrained)")
     with open(path) as f:
         return json.load(f)
 
@@ -347,20 +348,22 @@ def check_groups():
     phases = {job.where: settings_of(job) for job in JOBS}
     cfg = codec_config()
     model_code = hashlib.sha256()
-    for f in sorted(glob.glob(f"{workflow.basedir}/pipeline/model/*.py")) + [f"{workflow.basedir}/pipeline/settings.py"]:
+    for f in sorted(glob.glob(f"{workflow.basedir}/pipeline/model/**/*.py", recursive=True)) + \
+            [f"{workflow.basedir}/pipeline/{m}.py" for m in ("settings", "geometry", "training/groups")]:
         with open(f, "rb") as fh:
             model_code.update(fh.read())
-    key = hashlib.sha256(json.dumps([cfg, TARGET_RATE, phases, model_code.hexdigest()],
+    key = hashlib.sha256(json.dumps([cfg, TARGET_RATE, config["codec"].get("n_q"), phases, model_code.hexdigest()],
                                     sort_keys=True, default=str).encode()).hexdigest()[:24]
     passed = f"{CHECK_CACHE}/groups-{key}"
     if os.path.exists(passed):
         return
-    from pipeline.model.codec import geometry
-    from pipeline.model.snac48 import check_phase_groups
+    from pipeline.model import codecs
     from pipeline.settings import check_segment
+    from pipeline.training.groups import check_phase_groups
     try:
-        check_phase_groups(cfg, TARGET_RATE, phases)
-        geo = geometry(cfg, TARGET_RATE)
+        n_q = config["codec"].get("n_q")
+        check_phase_groups(cfg, TARGET_RATE, phases, n_q)
+        geo = codecs.geometry(cfg, TARGET_RATE, n_q)
         for where, s in phases.items():
             check_segment(s, geo, where)
     except ValueError as e:

@@ -27,12 +27,19 @@ edge reaches far: both transformers see sliding_window past steps (twice the fra
 
 Streaming is off: encode/decode call the submodules with no padding cache and no key/value cache
 (`use_cache=False`), so every call decodes a whole utterance on its own. Mimi has no noise blocks:
-`codec.noise_disabled` finds none, a no-op.
+`noise_disabled()` is a no-op.
+
+Context (`context()`: how far encoder and decoder look, for alignment checks, chunked encoding and
+streaming): both transformers look back num_hidden_layers x (sliding_window - 1) steps at twice
+the frame rate (kyutai/mimi: 8 x 249 steps = 996 frames = 80 s; the tiny test Mimi: 125 frames), a
+bound from the config; the convolutions' reach is measured (a few frames). Nothing looks ahead
+(a frame's audio comes from that frame and earlier ones), but Mimi48's cubic head (below), by one
+frame.
 
 Mimi48 inserts one block between the SEANet decoder's last residual block and its final ELU and
 output conv (`decoder.new_block`: a ConvTranspose1d of stride r and kernel 2r, then copies of the
 last block's residual units), and smart init makes it start as "the 24 kHz output, upsampled",
-as SNAC48 does (see snac48.py, whose helpers it uses):
+as Snac48 does (see snac.py; the head's taps come from heads.py):
   * the transposed conv is a per-channel sample-and-hold (taps 0..r-1 of the identity, the
     causal trim drops the rest), so its output sample r m + j is its input sample m;
   * the residual units are the last block's with their output conv scaled by RESIDUAL_GAIN:
@@ -47,15 +54,13 @@ as SNAC48 does (see snac48.py, whose helpers it uses):
     is causal up to those (62 us at 48 kHz), a streaming decoder would delay by them. hold
     needs none.
 `random` init keeps PyTorch's default init in the new block and Mimi's own head.
-config.json records the head's taps and padding, so load_model rebuilds any of them.
+config.json records the head's taps and padding, so model_from_saved rebuilds any of them.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -63,13 +68,14 @@ from transformers import MimiConfig, MimiModel
 from transformers.models.mimi.modeling_mimi import (MimiConv1d, MimiConvTranspose1d, MimiEuclideanCodebook,
                                                     MimiResnetBlock)
 
-from ..codec import Geometry, freeze, state_digest
-from ..snac48 import INTERPOLATORS, RESIDUAL_GAIN, head_taps
+from ...geometry import Geometry
+from ...settings import TRAIN_DEFAULTS
+from .base import Codec, Model48, Stage, freeze, reach
+from .heads import INTERPOLATORS, RESIDUAL_GAIN, check_init, head_taps
 
 FAMILY = "mimi"
 FORMAT = "phase11-mimi48/1"
 PARTS = ("encoder", "encoder_transformer", "downsample", "quantizer", "upsample", "decoder_transformer", "decoder")
-FROZEN = ("encoder.", "encoder_transformer.", "downsample.", "quantizer.")   # fixed for the codes to keep meaning
 DECODER = ("upsample", "decoder_transformer", "decoder")        # what a whole-decoder group names
 
 # kyutai/mimi's published config.json (what the checkpoint's shapes need), for `bench memory`
@@ -85,12 +91,7 @@ KYUTAI_MIMI = dict(
     layer_scale_initial_scale=0.01, attention_bias=False, attention_dropout=0.0, use_cache=False)
 
 
-class Stage(NamedTuple):
-    """One step of the decoder path: a module from (B, C, T) to (B, C', T') whose activations
-    a trainer may checkpoint as one, and the rate (steps per second) of its output."""
-    name: str
-    module: nn.Module
-    rate: float
+SHAPES = {"mimi": KYUTAI_MIMI}      # by the name of its folder (kyutai/mimi)
 
 
 class ChannelsFirst(nn.Module):
@@ -103,6 +104,14 @@ class ChannelsFirst(nn.Module):
     def forward(self, x):
         out = self.transformer(x.transpose(1, 2), past_key_values=None, use_cache=False, return_dict=True)
         return out.last_hidden_state.transpose(1, 2)
+
+
+def is_config(cfg: dict) -> bool:
+    return cfg.get("model_type") == FAMILY
+
+
+def as_config(config) -> MimiConfig:
+    return config if isinstance(config, MimiConfig) else MimiConfig.from_dict(config)
 
 
 def read_config(folder) -> MimiConfig:
@@ -127,7 +136,9 @@ def frame_hop(config: MimiConfig) -> int:
     return hop
 
 
-def geometry(config: MimiConfig, target_rate: int, n_q: int) -> Geometry:
+def geometry(config, target_rate: int, n_q: int | None = None) -> Geometry:
+    config = as_config(config)
+    n_q = check_n_q(config, n_q)
     rate, hop = int(config.sampling_rate), frame_hop(config)
     if (hop * target_rate) % rate:
         raise ValueError(f"target rate {target_rate} is not a whole number of samples per codec hop "
@@ -136,17 +147,22 @@ def geometry(config: MimiConfig, target_rate: int, n_q: int) -> Geometry:
                     int(config.codebook_size), 1)
 
 
-def check_n_q(config: MimiConfig, n_q: int) -> int:
+def check_n_q(config: MimiConfig, n_q: int | None) -> int:
+    """n_q, the codebooks used (None: all of them), checked against the config."""
+    if n_q is None:
+        return int(config.num_quantizers)
     if not config.num_semantic_quantizers <= n_q <= config.num_quantizers:
         raise ValueError(f"n_q {n_q}: Mimi uses {config.num_semantic_quantizers} to {config.num_quantizers} "
                          "codebooks (its first n_q)")
     return int(n_q)
 
 
-class Mimi(nn.Module):
+class Mimi(Codec, nn.Module):
     """The codec: transformers' MimiModel's parts under their own names, using n_q codebooks."""
+    FAMILY = FAMILY
+    FROZEN = ("encoder.", "encoder_transformer.", "downsample.", "quantizer.")   # fixed: the codes keep their meaning
 
-    def __init__(self, config: MimiConfig, n_q: int):
+    def __init__(self, config: MimiConfig, n_q: int | None = None):
         super().__init__()
         self.mimi_config, self.n_q = config, check_n_q(config, n_q)
         base = MimiModel(config)
@@ -162,15 +178,12 @@ class Mimi(nn.Module):
     def codebook_size(self) -> int:
         return int(self.mimi_config.codebook_size)
 
-    def geometry(self, target_rate: int) -> Geometry:
+    def geometry_at(self, target_rate: int) -> Geometry:
         return geometry(self.mimi_config, target_rate, self.n_q)
 
-    def fingerprint(self, target_rate: int, cache_format: int) -> dict:
-        """What the cached codes depend on: all weights (as SNAC's), n_q and the geometry."""
-        g = asdict(self.geometry(target_rate))
-        g["strides"] = list(g["strides"])
-        return {"cache_format": cache_format, "family": FAMILY, "n_q": self.n_q,
-                "codec_digest": state_digest(self.state_dict()), **g}
+    def identity(self) -> dict:
+        """The fingerprint records the family and n_q beside all weights (as SNAC's) and the geometry."""
+        return {"family": FAMILY, "n_q": self.n_q}
 
     def fresh_codebooks(self) -> None:
         """Drop the codebooks' cached embedding table (transformers computes it once from its
@@ -206,13 +219,15 @@ class Mimi(nn.Module):
         conv, residual units; the last group is the final ELU and the output conv)."""
         rate = 2 * float(self.mimi_config.frame_rate)
         out = [Stage("upsample", self.upsample, rate),
-               Stage("decoder_transformer", ChannelsFirst(self.decoder_transformer), rate)]
+               Stage("decoder_transformer", ChannelsFirst(self.decoder_transformer), rate, block=True)]
         layers = list(self.decoder.layers)
         starts = [0] + [i for i, m in enumerate(layers) if isinstance(m, nn.ELU)] + [len(layers)]
+        ratios = iter(self.mimi_config.upsampling_ratios)        # (not the convs' own: LoRA may wrap them)
         for a, b in zip(starts, starts[1:]):
-            rate *= math.prod(m.conv.stride[0] for m in layers[a:b] if isinstance(m, MimiConvTranspose1d))
+            ups = [next(ratios) for m in layers[a:b] if isinstance(m, MimiConvTranspose1d)]
+            rate *= math.prod(ups)
             name = f"decoder.layers.{a}" if b == a + 1 else f"decoder.layers.{a}-{b - 1}"
-            out.append(Stage(name, layers[a] if b == a + 1 else nn.Sequential(*layers[a:b]), rate))
+            out.append(Stage(name, layers[a] if b == a + 1 else nn.Sequential(*layers[a:b]), rate, bool(ups)))
         return out
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
@@ -225,8 +240,28 @@ class Mimi(nn.Module):
     def decode(self, codes: list) -> torch.Tensor:
         return self(self.latents(codes))
 
-    def frozen_parts(self) -> list:
-        return [self.encoder, self.encoder_transformer, self.downsample, self.quantizer]
+    def context(self) -> dict:
+        """{"encoder": (left, right), "decoder": (left, right)}: finest frames before and after a
+        frame that it depends on: the transformers' bound from the config plus the convolutions'
+        reach, measured once (the transformer left out: two forward passes each)."""
+        if getattr(self, "_context", None) is None:
+            c, dev = self.mimi_config, next(self.parameters()).device
+            steps = round(c.encodec_frame_rate / c.frame_rate)         # transformer steps per frame (2)
+            look_back = math.ceil(c.num_hidden_layers * (c.sliding_window - 1) / steps) + 1
+            convs = nn.Sequential(*(s.module for s in self.stages() if s.name != "decoder_transformer"))
+            enc = reach(lambda x: self.downsample(self.encoder(x)), 1, frame_hop(c), 1, dev)
+            dec = reach(convs, c.hidden_size, 1, 1, dev)
+            self._context = {"encoder": (enc[0] + look_back, enc[1]), "decoder": (dec[0] + look_back, dec[1])}
+        return self._context
+
+    def save(self, folder) -> Path:
+        """What MimiModel.save_pretrained writes: config.json (model_type mimi) + model.safetensors."""
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(self.mimi_config.to_json_string())
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
+        return folder
 
 
 def read_weights(folder) -> dict:
@@ -242,9 +277,18 @@ def load_codec(folder, n_q: int | None = None, device="cpu") -> Mimi:
     """A Mimi folder (MimiModel.save_pretrained), strictly, frozen, in eval mode; n_q None: all."""
     config = read_config(folder)
     frame_hop(config)
-    model = Mimi(config, config.num_quantizers if n_q is None else n_q)
+    model = Mimi(config, n_q)
     model.load_state_dict(read_weights(folder), strict=True)
     return freeze(model).to(device)
+
+
+def build_codec(config: dict, seed: int = 0, n_q: int | None = None) -> Mimi:
+    """A Mimi of a config's shapes with random weights (transformers' init), for the benches."""
+    config = as_config(config)
+    frame_hop(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return freeze(Mimi(config, n_q))
 
 
 # -- the 48 kHz model -------------------------------------------------------------------------
@@ -293,10 +337,10 @@ class Decoder48(nn.Module):
         return {"kernel_size": h.conv.kernel_size[0], "padding": list(h.padding)}
 
 
-class Mimi48(Mimi):
+class Mimi48(Model48, Mimi):
     """Mimi's encoder and quantizer (frozen) + its decoder path with a new block, at target_rate."""
 
-    def __init__(self, config: MimiConfig, n_q: int, target_rate: int, head: dict | None = None):
+    def __init__(self, config: MimiConfig, n_q: int | None, target_rate: int, head: dict | None = None):
         super().__init__(config, n_q)
         factor = target_rate // config.sampling_rate
         if factor * config.sampling_rate != target_rate or factor < 2:
@@ -315,16 +359,30 @@ class Mimi48(Mimi):
         """Mimi's stages with the new block before the last (the final ELU and the head)."""
         out = super().stages()
         rate = out[-2].rate * self.decoder.factor
-        return [*out[:-1], Stage("decoder.new_block", self.decoder.new_block, rate), out[-1]._replace(rate=rate)]
+        return [*out[:-1], Stage("decoder.new_block", self.decoder.new_block, rate, True), out[-1]._replace(rate=rate)]
+
+    @property
+    def head_key(self) -> str:
+        """The state-dict key of the output head's taps."""
+        return f"decoder.layers.{len(self.decoder.layers) - 1}.conv.weight"
+
+    def adapt_head(self, sd: dict) -> dict:
+        """`sd` with a pretrained k-tap (causal) head made into the model's wide head, as smart init
+        places it (hold or cubic, told by the taps); `sd` as it is when its head already fits."""
+        head, key = self.decoder.head, self.head_key
+        if head is None or key not in sd or sd[key].shape[-1] == head["kernel_size"]:
+            return sd
+        for interpolator in INTERPOLATORS:
+            taps, padding = causal_head_taps(sd[key], self.decoder.factor, interpolator)
+            if taps.shape[-1] == head["kernel_size"] and list(padding) == head["padding"]:
+                return {**sd, key: taps}
+        return sd
 
 
-def from_codec(codec: Mimi, target_rate: int, init: str = "smart", seed: int = 0,
-               interpolator: str = "cubic") -> Mimi48:
+def from_codec(codec: Mimi, target_rate: int, init: str = TRAIN_DEFAULTS["init"],
+               seed: int = TRAIN_DEFAULTS["seed"], interpolator: str = TRAIN_DEFAULTS["interpolator"]) -> Mimi48:
     """A 48 kHz model whose pretrained parts are the codec's weights, new block initialised."""
-    if init not in ("smart", "random"):
-        raise ValueError(f"init must be 'smart' or 'random', got {init!r}")
-    if interpolator not in INTERPOLATORS:
-        raise ValueError(f"interpolator must be one of {INTERPOLATORS}, got {interpolator!r}")
+    check_init(init, interpolator)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Mimi48(codec.mimi_config, codec.n_q, target_rate)
@@ -338,7 +396,7 @@ def from_codec(codec: Mimi, target_rate: int, init: str = "smart", seed: int = 0
 
 
 @torch.no_grad()
-def smart_init(model: Mimi48, interpolator: str = "cubic") -> None:
+def smart_init(model: Mimi48, interpolator: str = TRAIN_DEFAULTS["interpolator"]) -> None:
     dec, r = model.decoder, model.decoder.factor
     up = dec.new_block[0].conv
     assert dec.new_block[0].padding_left == 0 and dec.new_block[0].padding_right == r   # causal trim
@@ -363,41 +421,14 @@ def smart_init(model: Mimi48, interpolator: str = "cubic") -> None:
     dec.layers[-1] = wide.to(head.conv.weight.device)
 
 
-def adapt_head(model: Mimi48, sd: dict) -> dict:
-    """`sd` with a pretrained k-tap (causal) head made into the model's wide head, as smart init
-    places it (hold or cubic, told by the taps); `sd` as it is when its head already fits."""
-    head, n = model.decoder.head, len(model.decoder.layers) - 1
-    w_key, key = f"decoder.layers.{n}.conv.weight", None
-    if head is None or w_key not in sd or sd[w_key].shape[-1] == head["kernel_size"]:
-        return sd
-    for interpolator in INTERPOLATORS:
-        taps, padding = causal_head_taps(sd[w_key], model.decoder.factor, interpolator)
-        if taps.shape[-1] == head["kernel_size"] and list(padding) == head["padding"]:
-            return {**sd, w_key: taps}
-    return sd
+def model_from_config(config, target_rate: int, n_q: int | None = None) -> Mimi48:
+    """The 48 kHz model of a codec config, weights as constructed (build it on the meta device
+    for its parameter names alone)."""
+    return Mimi48(as_config(config), n_q, target_rate)
 
 
-def save_model(model: Mimi48, folder, extra_config: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, folder / "model.safetensors", metadata={"format": FORMAT})
-    cfg = {**model.config, **(extra_config or {}), "weights_digest": state_digest(sd)}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    return folder
-
-
-def load_model(path, device="cpu") -> Mimi48:
-    """A folder written by save_model (config.json + model.safetensors), strictly."""
-    from safetensors.torch import load_file
-    path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} model (format {cfg.get('format')!r})")
+def model_from_saved(cfg: dict, sd: dict) -> Mimi48:
+    """The model a saved config.json (or final.pt's config) and its weights describe."""
     model = Mimi48(MimiConfig.from_dict(cfg["codec"]), cfg["n_q"], cfg["target_rate"], cfg.get("head"))
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-    model.eval()
-    for part in model.frozen_parts():
-        freeze(part)
-    return model.to(device)
+    model.load_state_dict(model.adapt_head(sd), strict=True)
+    return model

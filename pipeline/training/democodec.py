@@ -18,55 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data import audio as A
 from ..data.cache import dump_json
-from .codec import build_codec, geometry, noise_disabled, pick_device, save_codec
-from ..evaluation.metrics import evaluate_pair
-from ..training.losses import ReconstructionLoss
 from ..data.manifest import parse_manifest
+from ..gpus import pick_device
+from ..model import codecs
 from ..settings import DEMO_CODEC_DEFAULTS
 from ..ui import console
+from .losses import ReconstructionLoss
+from .metrics import evaluate_pair
 
 # codec.demo's defaults (the schema's), and the quantizer's loss weights (VQ-VAE's), which no config sets
 DEFAULTS = {**DEMO_CODEC_DEFAULTS, "codebook_weight": 1.0, "commitment_weight": 0.25}
 SALIENT_TRIES = 8
-
-
-@torch.no_grad()
-def reset_dead_codes(quantizer, usage: list, latents: list, rng) -> int:
-    """Re-seed codes unused since the last reset with latents of the current batch (a standard
-    remedy for codebook collapse, which a small codebook trained briefly otherwise suffers)."""
-    n = 0
-    for vq, used, z_e in zip(quantizer.quantizers, usage, latents):
-        dead = torch.nonzero(used == 0).flatten()
-        if len(dead):
-            pool = z_e.transpose(1, 2).reshape(-1, z_e.shape[1])
-            pick = torch.from_numpy(rng.integers(len(pool), size=len(dead))).to(pool.device)
-            vq.codebook.weight[dead] = pool[pick] + 1e-3 * torch.randn(len(dead), pool.shape[1]).to(pool.device)
-            n += len(dead)
-        used.zero_()
-    return n
-
-
-def quantize_with_losses(quantizer, z, seen: list | None = None):
-    """SNAC's ResidualVectorQuantize.forward, also returning codebook and commitment losses.
-    `seen`, if given, collects per level (indices, latents) for dead-code resets."""
-    z_q, residual, cb, commit = 0.0, z, 0.0, 0.0
-    for level, vq in enumerate(quantizer.quantizers):
-        r = F.avg_pool1d(residual, vq.stride, vq.stride) if vq.stride > 1 else residual
-        z_e = vq.in_proj(r)
-        q, idx = vq.decode_latents(z_e)
-        if seen is not None:
-            seen.append((idx.detach(), z_e.detach()))
-        cb = cb + F.mse_loss(q, z_e.detach())
-        commit = commit + F.mse_loss(z_e, q.detach())
-        q = vq.out_proj(z_e + (q - z_e).detach())
-        if vq.stride > 1:
-            q = q.repeat_interleave(vq.stride, dim=-1)
-        z_q, residual = z_q + q, residual - q
-    return z_q, cb, commit
 
 
 def load_corpus(manifest, rate: int) -> list:
@@ -102,8 +67,8 @@ def train_demo_codec(manifest, out, settings: dict, device: str = "auto") -> dic
         raise ValueError("codec.demo.config: the demo SNAC's constructor arguments are required")
     torch.manual_seed(s["seed"])
     rng = np.random.default_rng(s["seed"])
-    model = build_codec(s["config"], s["seed"])
-    geo = geometry(model, model.sampling_rate)
+    model = codecs.build(s["config"], s["seed"])     # a SNAC: codec.demo.config is its constructor's
+    geo = model.geometry_at(model.sampling_rate)
     clips = load_corpus(manifest, geo.codec_rate)
     seg = max(1, round(s["segment_seconds"] * geo.codec_rate / geo.pad_to)) * geo.pad_to
     loss_fn = ReconstructionLoss(geo.codec_rate, s["lambdas"], n_ffts=(256, 512, 1024), n_mels=64)
@@ -123,11 +88,11 @@ def train_demo_codec(manifest, out, settings: dict, device: str = "auto") -> dic
             batch[j, :len(piece)] = piece
         x = torch.from_numpy(batch)[:, None].to(device)
         seen = []
-        z_q, cb, commit = quantize_with_losses(model.quantizer, model.encoder(x), seen)
+        z_q, cb, commit = model.quantize_with_losses(model.encoder(x), seen)
         for u, (idx, _) in zip(usage, seen):
             u += torch.bincount(idx.flatten(), minlength=len(u))
         if step % s["reset_every"] == 0 and step <= 0.8 * s["steps"]:
-            reset_dead_codes(model.quantizer, usage, [z for _, z in seen], rng)
+            model.reset_dead_codes(usage, [z for _, z in seen], rng)
         recon, terms = loss_fn(model.decoder(z_q), x)
         loss = recon + s["codebook_weight"] * cb + s["commitment_weight"] * commit
         opt.zero_grad(set_to_none=True)
@@ -145,7 +110,7 @@ def train_demo_codec(manifest, out, settings: dict, device: str = "auto") -> dic
                     "device": str(device),
                     "note": "demo codec: tiny and briefly trained; shows mechanics, not quality"})
     out = Path(out)
-    save_codec(model, out)
+    model.save(out)
     dump_json(quality, out / "quality.json")
     keys = ("mel_l1", "lsd_db", "si_sdr_db")
     console.print("demo codec reconstruction at its rate, first clips of the corpus, noise off: "
@@ -159,7 +124,7 @@ def measure_quality(model, clips) -> dict:
     """Reconstruction metrics of encode -> decode at the codec rate, noise blocks off."""
     rate = model.sampling_rate
     results, used = [], [set() for _ in model.vq_strides]
-    with noise_disabled(model):
+    with model.noise_disabled():
         for c in clips:
             x = torch.from_numpy(c)[None, None]
             codes = model.encode(x)

@@ -9,9 +9,11 @@
 * `summarize`, `rank_sum` -- aggregates with their spread, and a multi-metric ranking.
 * `segment_metrics` -- the metrics of a model on fixed validation segments (checkpoint selection).
 
-Shapes and float32 conventions are those of `pipeline.training.losses`, whose STFT and mel
-losses two of the metrics reuse. No rate is hard-coded: band edges come from the caller
-(the codec's Nyquist frequency, from the loaded codec).
+Shapes, STFT and band helpers are pipeline.training.spectral's (the losses use them too); two of
+the metrics are the STFT and mel losses themselves. No rate is hard-coded: band edges come from
+the caller (the codec's Nyquist frequency, from the loaded codec). The trainer selects checkpoints
+by these metrics (`rank_sum`, `segment_metrics`), the evaluation reports them: so they live on the
+training floor, where both reach them.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import numpy as np
 import torch
 
 from ..settings import EVAL_DEFAULTS
-from ..training.losses import MelL1Loss, MultiResolutionSTFTLoss, _fit_n_fft, _no_autocast, _pair
+from .losses import MelL1Loss, MultiResolutionSTFTLoss
+from .spectral import band_mask, fit_n_fft, no_autocast, pair, power
 
 __all__ = ["BETTER", "si_sdr", "log_spectral_distance", "visqol", "evaluate_pair", "summarize",
            "rank_sum", "segment_metrics"]
@@ -41,7 +44,7 @@ def si_sdr(pred, target, eps: float = 1e-8) -> float:
     ``SI-SDR = 10 log10((||s||^2 + eps) / (||e||^2 + eps))``. Computed in float64, so identical
     inputs score well above 100 dB and a scaled copy scores the same.
     """
-    p, t = _pair(pred, target)
+    p, t = pair(pred, target)
     p = p.double() - p.double().mean(-1, keepdim=True)
     t = t.double() - t.double().mean(-1, keepdim=True)
     alpha = (p * t).sum(-1, keepdim=True) / (t.square().sum(-1, keepdim=True) + eps)
@@ -67,27 +70,16 @@ def log_spectral_distance(pred, target, sample_rate: int, band: tuple[float, flo
     the same whatever numerical dust the band holds. ``n_fft`` larger than the signal is clamped
     like the STFT loss. A band that holds no bin raises ``ValueError``.
     """
-    p, t = _pair(pred, target)
-    with _no_autocast(p):
+    p, t = pair(pred, target)
+    with no_autocast(p):
         p, t = p.float(), t.float()
-        n = _fit_n_fft(int(n_fft), p.shape[-1])
-        window = torch.hann_window(n, device=p.device)
-
-        def power(x):
-            spec = torch.stft(x, n_fft=n, hop_length=max(1, int(hop)), win_length=n, window=window,
-                              center=True, pad_mode="reflect", return_complex=True)
-            return spec.real.square() + spec.imag.square()
-
-        pp, pt = power(p), power(t)                                           # (B, F, frames)
+        n = fit_n_fft(int(n_fft), p.shape[-1])
+        window, hop = torch.hann_window(n, device=p.device), max(1, int(hop))
+        pp, pt = power(p, n, hop, window), power(t, n, hop, window)           # (B, F, frames)
         floor = (pt.mean(dim=(1, 2), keepdim=True) * 10.0 ** (floor_db / 10.0)).clamp_min(1e-30)
         diff = 10.0 * (torch.log10(torch.maximum(pp, floor)) - torch.log10(torch.maximum(pt, floor)))
         if band is not None:
-            lo, hi = float(band[0]), float(band[1])
-            freqs = torch.arange(diff.shape[1], device=diff.device, dtype=torch.float64) * (sample_rate / n)
-            keep = (freqs >= lo) & ((freqs < hi) | (hi >= sample_rate / 2))
-            if not bool(keep.any()):
-                raise ValueError(f"band {band} Hz contains no STFT bin (sample_rate={sample_rate}, n_fft={n})")
-            diff = diff[:, keep, :]
+            diff = diff[:, band_mask(diff.shape[1], sample_rate, n, band, diff.device), :]
         lsd = torch.sqrt(diff.square().mean(dim=1))  # (B, frames)
         return float(lsd.mean(dim=-1).mean())
 
@@ -110,7 +102,7 @@ def visqol(pred, target, sample_rate: int) -> float:
     """ViSQOL v3 audio mode: MOS-LQO of ``pred`` against the reference ``target`` (mono, mean over
     a batch). Signals at another rate are resampled (soxr) to ViSQOL's audio rate first."""
     from ..data.audio import resample
-    p, t = _pair(pred, target)
+    p, t = pair(pred, target)
     rate, scores = visqol_rate(), []
     for a, b in zip(p.detach().float().cpu().numpy(), t.detach().float().cpu().numpy()):
         a, b = (resample(x, sample_rate, rate).astype(np.float64) for x in (a, b))
@@ -133,7 +125,7 @@ def evaluate_pair(pred, target, sample_rate: int, split_hz: float, n_ffts=tuple(
     signal too short for one of its patches (under about 1 s); ``notes`` (a dict), when given, gets
     the reason for each NaN by metric.
     """
-    p, t = _pair(pred, target)
+    p, t = pair(pred, target)
     device = p.device
 
     notes = {} if notes is None else notes
@@ -221,7 +213,6 @@ def segment_metrics(model, segments, split_hz: float | None = None, metrics=None
     `BETTER` metric but ViSQOL, which wants segments of a few seconds). ``split_hz`` defaults to
     the model's codec Nyquist frequency. Feed one dict per checkpoint to `rank_sum`."""
     from ..data.segments import collate
-    from ..model.codec import noise_disabled
     metrics = tuple(metrics or (m for m in BETTER if m != "visqol"))
     unknown = set(metrics) - set(BETTER)
     if unknown:
@@ -233,7 +224,7 @@ def segment_metrics(model, segments, split_hz: float | None = None, metrics=None
     model.eval()
     sums, n = dict.fromkeys(metrics, 0.0), 0
     try:
-        with noise_disabled(model):
+        with model.noise_disabled():
             for i in range(0, len(segments), batch_size):
                 codes, target, mask = collate(segments[i:i + batch_size])
                 pred = model.decode([c.to(device) for c in codes]).float()[..., :target.shape[-1]]
