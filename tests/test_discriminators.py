@@ -1,4 +1,4 @@
-"""Adversarial fine-tuning with a tiny SNAC48 and tiny discriminators: alternating steps train both,
+"""Adversarial fine-tuning with a tiny SNAC 48 kHz model and tiny discriminators: alternating steps train both,
 every term is finite and logged, start_step withholds the discriminators, padding stays out,
 losses run in fp32 under autocast, the new band has its own critic, save/load resumes exactly."""
 from __future__ import annotations

@@ -81,3 +81,20 @@ def test_an_upward_import_inside_a_function_is_found(tmp_path):
     bad, seen = upward(tmp_path)
     assert seen == 3 and [b.split(" imports ")[1] for b in bad] == [
         "pipeline.training (training)", "pipeline.model.codecs (model)"]
+
+
+def test_a_snac_model_loads_without_importing_transformers(tmp_path):
+    """Loading a SNAC 48 kHz model (pipeline.load, resynth, decode, evaluate, every phase after the
+    first) imports its own family alone: transformers, Mimi's library, takes seconds to import."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_codec
+
+    from pipeline.model import codecs
+    codecs.save_model(codecs.from_codec(tiny_codec(), 48000), tmp_path / "m")
+    code = ("import sys; from pipeline.model import codecs; codecs.load_model(sys.argv[1]); "
+            "print(sorted(m for m in ('snac', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "['snac']", out.stdout

@@ -165,3 +165,16 @@ def test_the_preset_fits_mimi48s_names_and_trains_its_whole_decoder_path():
     groups, _ = param_groups(model, phases["full"]["groups"], 1.0)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {n for n, _ in model.named_parameters() if n.startswith(("upsample.", "decoder_transformer.", "decoder."))}
+
+
+def test_a_snac_codec_given_a_mimi_cache_fails_the_preflight(cached, tiny_codec_dir, tmp_path):
+    """The cache's n_q reaches the codec's loader before the cache is compared with the codec: a
+    SNAC codec refuses it, as the preflight's cache item, naming the codec folder."""
+    d = cached
+    from pipeline.training.preflight import PreflightFailed
+    with pytest.raises(PreflightFailed, match="cannot read this cache's codes: n_q 4"):
+        T.train("warmup", settings(steps=2), tiny_codec_dir, [str(d / "cache/shard-000.zarr")],
+                [str(d / "heldout/shard-000.zarr")], None, tmp_path / "out", target_rate=48000)
+    item = {i["item"]: i for i in json.loads((tmp_path / "out/preflight.json").read_text())["items"]}
+    bad = item["cache = codec's, at codec.target_rate"]
+    assert not bad["ok"] and str(tiny_codec_dir) in bad["detail"] and "n_q 4" in bad["detail"], bad

@@ -10,6 +10,10 @@ Training excerpts are salient, as descript-audio-codec draws them: an excerpt qu
 and close with pauses (a read-speech corpus: about a second at each end of a 3.7 s clip); drawn
 uniformly, half the excerpts of such a corpus are silence, and a codec trained on them learns to
 answer every excerpt quietly (measured on real 48 kHz speech, BENCHMARKS.md: 30 dB too quiet).
+
+The demo codec is a SNAC by definition: this is the one trainer that reaches into a codec's
+encoder, quantizer and decoder, through the helpers the seam's Snac gives it
+(model/codecs/snac.py: quantize_with_losses, reset_dead_codes).
 """
 from __future__ import annotations
 

@@ -187,7 +187,10 @@ class Data:
 def setup_data(phase, s, group, codec_dir, target_rate, cache_paths, heldout_paths, pf: Preflight) -> Data:
     """The codec, and the cache it built at the configured target rate; the segments and what they
     are drawn from; the batch split over the processes."""
-    codec = codecs.load(codec_dir, n_q_of(cache_paths))
+    try:
+        codec = codecs.load(codec_dir, n_q_of(cache_paths))
+    except ValueError as e:                 # e.g. a Mimi cache's n_q given to a SNAC codec
+        pf.fail("cache = codec's, at codec.target_rate", f"{codec_dir} cannot read this cache's codes: {e}")
     fp = codec.fingerprint(target_rate, CACHE_FORMAT)
     pf.add("codec weights loaded", True, f"{codec_dir} (sha256 {fp['codec_digest'][:12]})")
     try:

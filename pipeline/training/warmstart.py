@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.codecs.base import state_digest
+from ..model.codecs.base import NEW_BLOCK, state_digest
 from ..ui import console
 from .groups import matches
 
@@ -44,7 +44,7 @@ def warm_start(model, path, groups, pf) -> str:
         pf.fail("init_checkpoint", f"{path}: {len(changed)} tensors of the codec's encoder side differ from the "
                 f"codec's (e.g. {changed[0]}): the codes would change meaning")
     trained = [g["pattern"] for g in groups if g["trainable"]]
-    uncovered = [k for k in missing + mismatched if not k.startswith("decoder.new_block.") and "lora_" not in k
+    uncovered = [k for k in missing + mismatched if not k.startswith(NEW_BLOCK + ".") and "lora_" not in k
                  and any(matches(k, p) for p in trained)]
     if uncovered:
         head = model.head_key

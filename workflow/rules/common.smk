@@ -362,8 +362,8 @@ def check_groups():
     from pipeline.training.groups import check_phase_groups
     try:
         n_q = config["codec"].get("n_q")
+        geo = codecs.geometry(cfg, TARGET_RATE, n_q)       # codec-level mistakes (n_q) first, unprefixed
         check_phase_groups(cfg, TARGET_RATE, phases, n_q)
-        geo = codecs.geometry(cfg, TARGET_RATE, n_q)
         for where, s in phases.items():
             check_segment(s, geo, where)
     except ValueError as e:

@@ -100,11 +100,13 @@ def load_model(path, device="cpu"):
     strictly, frozen parts frozen, in eval mode, on `device`."""
     from .base import freeze, read_saved
     cfg, sd = read_saved(path)
-    formats = {family(f).FORMAT: f for f in FAMILIES}
-    if cfg.get("format") not in formats:
-        raise ValueError(f"{path}: not a 48 kHz model of this pipeline (format {cfg.get('format')!r}; known: "
-                         f"{', '.join(formats)})")
-    model = family(formats[cfg["format"]]).model_from_saved(cfg, sd)
+    try:                        # the family from the codec config it records: only its module imported
+        fam = family(family_of_config(cfg.get("codec") or {}))
+    except ValueError:
+        fam = None
+    if fam is None or cfg.get("format") != fam.FORMAT:
+        raise ValueError(f"{path}: not a 48 kHz model of this pipeline (format {cfg.get('format')!r})")
+    model = fam.model_from_saved(cfg, sd)
     model.eval()
     for part in model.frozen_parts():
         freeze(part)

@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .heads import check_init
+
 
 class Stage(NamedTuple):
     """One step of a decoder path: a module from (B, C, T) to (B, C', T'), the rate (steps per
@@ -59,6 +61,28 @@ def state_digest(state_dict: dict) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+# where every family puts the new upsampling block: the only parameters a 48 kHz model has beyond
+# its codec's
+NEW_BLOCK = "decoder.new_block"
+
+
+def with_codec_weights(make, codec, init: str, seed: int, interpolator: str, smart_init) -> nn.Module:
+    """`make()`'s 48 kHz model holding the codec's weights (only NEW_BLOCK is new), the new block
+    initialised from `seed` without touching the global RNG (then `smart_init` when init is
+    "smart"), the codec's frozen parts frozen, on the codec's device."""
+    check_init(init, interpolator)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = make()
+        missing, unexpected = model.load_state_dict(codec.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith(NEW_BLOCK + ".") for k in missing), (missing, unexpected)
+        if init == "smart":
+            smart_init(model, interpolator)
+    for part in model.frozen_parts():
+        freeze(part)
+    return model.to(next(codec.parameters()).device)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ the head sees at target sample r m + j the feature the pretrained head saw at co
     constants, vanishes at the box's zeros, so it is the box convolved with a quotient q (3r taps),
     and the head is the spread taps convolved with q: (k - 1) r + 4r - 1 taps. Its output is the
     cubic interpolation of the codec-rate output before the final nonlinearity, exactly.
-(snac48's measurements: the hold mirrors 0-12 kHz into 12-24 kHz 3-14 dB below it, the cubic
+(measured on the SNAC 48 kHz model: the hold mirrors 0-12 kHz into 12-24 kHz 3-14 dB below it, the cubic
 kernel 6-40 dB below; see pipeline/model/codecs/snac.py.)
 """
 from __future__ import annotations

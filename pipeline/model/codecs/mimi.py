@@ -58,7 +58,6 @@ config.json records the head's taps and padding, so model_from_saved rebuilds an
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -70,8 +69,8 @@ from transformers.models.mimi.modeling_mimi import (MimiConv1d, MimiConvTranspos
 
 from ...geometry import Geometry
 from ...settings import TRAIN_DEFAULTS
-from .base import Codec, Model48, Stage, freeze, reach
-from .heads import INTERPOLATORS, RESIDUAL_GAIN, check_init, head_taps
+from .base import NEW_BLOCK, Codec, Model48, Stage, freeze, reach, with_codec_weights
+from .heads import INTERPOLATORS, RESIDUAL_GAIN, head_taps
 
 FAMILY = "mimi"
 FORMAT = "phase11-mimi48/1"
@@ -106,21 +105,15 @@ class ChannelsFirst(nn.Module):
         return out.last_hidden_state.transpose(1, 2)
 
 
-def is_config(cfg: dict) -> bool:
-    return cfg.get("model_type") == FAMILY
-
-
 def as_config(config) -> MimiConfig:
     return config if isinstance(config, MimiConfig) else MimiConfig.from_dict(config)
 
 
 def read_config(folder) -> MimiConfig:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"codec folder {folder} has no config.json")
-    cfg = json.loads(path.read_text())
+    from . import read_config as read_json
+    cfg = read_json(folder)
     if cfg.get("model_type") != FAMILY:
-        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r}, not {FAMILY!r}")
+        raise ValueError(f"{Path(folder) / 'config.json'}: model_type {cfg.get('model_type')!r}, not {FAMILY!r}")
     return MimiConfig.from_dict(cfg)
 
 
@@ -359,7 +352,7 @@ class Mimi48(Model48, Mimi):
         """Mimi's stages with the new block before the last (the final ELU and the head)."""
         out = super().stages()
         rate = out[-2].rate * self.decoder.factor
-        return [*out[:-1], Stage("decoder.new_block", self.decoder.new_block, rate, True), out[-1]._replace(rate=rate)]
+        return [*out[:-1], Stage(NEW_BLOCK, self.decoder.new_block, rate, True), out[-1]._replace(rate=rate)]
 
     @property
     def head_key(self) -> str:
@@ -382,17 +375,7 @@ class Mimi48(Model48, Mimi):
 def from_codec(codec: Mimi, target_rate: int, init: str = TRAIN_DEFAULTS["init"],
                seed: int = TRAIN_DEFAULTS["seed"], interpolator: str = TRAIN_DEFAULTS["interpolator"]) -> Mimi48:
     """A 48 kHz model whose pretrained parts are the codec's weights, new block initialised."""
-    check_init(init, interpolator)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Mimi48(codec.mimi_config, codec.n_q, target_rate)
-        missing, unexpected = model.load_state_dict(codec.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("decoder.new_block.") for k in missing), (missing, unexpected)
-        if init == "smart":
-            smart_init(model, interpolator)
-    for part in model.frozen_parts():
-        freeze(part)
-    return model.to(next(codec.parameters()).device)
+    return with_codec_weights(lambda: Mimi48(codec.mimi_config, codec.n_q, target_rate), codec, init, seed, interpolator, smart_init)
 
 
 @torch.no_grad()

@@ -81,8 +81,8 @@ from torch.nn import functional as F
 from ...geometry import Geometry
 from ...settings import TRAIN_DEFAULTS
 from ..snake import Snake1d, use_snake
-from .base import Codec, Model48, Stage, decode_reach, freeze, reach, state_digest
-from .heads import RESIDUAL_GAIN, check_init, head_size, head_taps, spread_taps
+from .base import NEW_BLOCK, Codec, Model48, Stage, decode_reach, freeze, reach, state_digest, with_codec_weights
+from .heads import RESIDUAL_GAIN, head_size, head_taps, spread_taps
 
 FAMILY = "snac"
 FORMAT = "phase11-snac48/1"
@@ -105,11 +105,6 @@ SHAPES = {
 SNAC_KEYS = ("sampling_rate", "encoder_dim", "encoder_rates", "latent_dim", "decoder_dim",
              "decoder_rates", "attn_window_size", "codebook_size", "codebook_dim", "vq_strides",
              "noise", "depthwise")
-
-
-def is_config(cfg: dict) -> bool:
-    """SNAC's config.json: its constructor keys, no model_type."""
-    return "model_type" not in cfg and {"sampling_rate", "encoder_rates", "vq_strides"} <= set(cfg)
 
 
 def check_n_q(cfg: dict, n_q) -> None:
@@ -260,10 +255,8 @@ def read_state_dict(folder: Path) -> dict:
 def load_codec(folder, n_q: int | None = None, device="cpu") -> Snac:
     """A SNAC checkpoint folder (official `config.json` + `pytorch_model.bin`, or `config.json` +
     `model.safetensors`), strictly, frozen, in eval mode."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"codec folder {folder} has no config.json")
-    cfg = json.loads((folder / "config.json").read_text())
+    from . import read_config
+    folder, cfg = Path(folder), read_config(folder)
     unknown = set(cfg) - set(SNAC_KEYS)
     if unknown:
         raise ValueError(f"{folder}/config.json: keys SNAC does not take: {sorted(unknown)}")
@@ -362,7 +355,7 @@ class Snac48(Model48, Snac):
         for i, layer in enumerate(d.layers()):
             if isinstance(layer, DecoderBlock):
                 rate *= d.factor if layer is d.new_block else next(rates)
-            name = "decoder.new_block" if layer is d.new_block else f"decoder.model.{i if i < n - 3 else i - 1}"
+            name = NEW_BLOCK if layer is d.new_block else f"decoder.model.{i if i < n - 3 else i - 1}"
             out.append(Stage(name, layer, rate, isinstance(layer, DecoderBlock)))
         return out
 
@@ -395,17 +388,7 @@ def from_codec(codec: Snac, target_rate: int, init: str = TRAIN_DEFAULTS["init"]
                seed: int = TRAIN_DEFAULTS["seed"], interpolator: str = TRAIN_DEFAULTS["interpolator"]) -> Snac48:
     """A 48 kHz model whose pretrained parts are the codec's weights, new block initialised;
     `interpolator` (smart init only): the step-0 upsampling of the codec's output, cubic or hold."""
-    check_init(init, interpolator)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Snac48(snac_config(codec), target_rate)
-        missing, unexpected = model.load_state_dict(codec.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("decoder.new_block.") for k in missing), (missing, unexpected)
-        if init == "smart":
-            smart_init(model, interpolator)
-    for part in model.frozen_parts():
-        freeze(part)
-    return model.to(next(codec.parameters()).device)
+    return with_codec_weights(lambda: Snac48(snac_config(codec), target_rate), codec, init, seed, interpolator, smart_init)
 
 
 def model_from_config(config: dict, target_rate: int, n_q: int | None = None) -> Snac48:
