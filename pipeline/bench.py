@@ -564,8 +564,9 @@ def bench_trainer(phase: str, s: dict, codec_dir, shards: list, out: Path, adapt
     from .training.distributed import Group
     shutil.rmtree(out, ignore_errors=True)
     with _quiet():
-        return T.setup(phase, complete(s, f"train.{phase}"), Group(), pick_device(s["device"]), codec_dir,
-                       TARGET_RATE, shards, shards, None, out, None, adapter)
+        return T.setup(phase, complete(s, f"train.{phase}"), group=Group(), device=pick_device(s["device"]),
+                       codec_dir=codec_dir, target_rate=TARGET_RATE, cache_paths=shards, heldout_paths=shards, out=out,
+                       adapter=adapter)
 
 
 def phase_throughput(t, steps: int = 4, rounds: int = 2) -> dict:

@@ -52,8 +52,8 @@ def trainer(small_cache, out, device="cpu", **over):
     s = settings(device=device, **over)
     shards = sorted(str(p) for p in (small_cache / "cache").glob("shard-*.zarr"))
     held = sorted(str(p) for p in (small_cache / "heldout").glob("shard-*.zarr"))
-    return T.setup("warmup", s, Group(), torch.device(device), small_cache / "codec", 48000,
-                   shards, held, None, out, None, "default")
+    return T.setup("warmup", s, group=Group(), device=torch.device(device), codec_dir=small_cache / "codec",
+                   target_rate=48000, cache_paths=shards, heldout_paths=held, out=out)
 
 
 ADVERSARIAL = {"enabled": True, "start_step": 0, "periods": [2], "period_channels": [4, 4], "stft_n_ffts": [256],

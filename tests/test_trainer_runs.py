@@ -376,8 +376,8 @@ def test_setup_in_named_steps_and_the_trainer_owns_precision_and_checkpointing(s
     shards = sorted(str(p) for p in (small_cache / "cache").glob("shard-*.zarr"))
     held = sorted(str(p) for p in (small_cache / "heldout").glob("shard-*.zarr"))
     s = complete(settings(activation_checkpointing=True), "train.warmup")
-    t = T.setup("warmup", s, Group(), torch.device("cpu"), small_cache / "codec", 48000, shards, held, None,
-                tmp_path, None, "default")
+    t = T.setup("warmup", s, group=Group(), device=torch.device("cpu"), codec_dir=small_cache / "codec",
+                target_rate=48000, cache_paths=shards, heldout_paths=held, out=tmp_path)
     items = [i["item"] for i in json.loads((tmp_path / "preflight.json").read_text())["items"]]
     order = ["cache = codec's, at codec.target_rate", "start weights", "trainable parameters", "device / precision",
              "schedule", "resume"]

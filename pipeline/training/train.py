@@ -78,8 +78,9 @@ def train(phase, s, codec_dir, cache_paths, heldout_paths, init_dir, out_dir, *,
     console.quiet = not group.main                 # rank 0 speaks and writes for all
     try:
         with PhaseLock(out) if group.main else nullcontext(), StopRequest() as stop:
-            t = setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_paths, init_dir, out,
-                      resume_from, adapter)
+            t = setup(phase, s, group=group, device=device, codec_dir=codec_dir, target_rate=target_rate,
+                      cache_paths=cache_paths, heldout_paths=heldout_paths, out=out, init_dir=init_dir,
+                      resume_from=resume_from, adapter=adapter)
             with progress(TextColumn("{task.fields[info]}")) as bar:
                 task = bar.add_task(phase, total=s["steps"], completed=t.state["step"], info="")
                 for step in range(t.state["step"] + 1, s["steps"] + 1):
@@ -134,8 +135,8 @@ class Trainer:
 
 
 # ---- setup --------------------------------------------------------------------------------------
-def setup(phase, s, group, device, codec_dir, target_rate, cache_paths, heldout_paths, init_dir, out, resume_from,
-          adapter) -> Trainer:
+def setup(phase, s, *, group, device, codec_dir, target_rate, cache_paths, heldout_paths, out, init_dir=None,
+          resume_from=None, adapter="default") -> Trainer:
     """One Trainer, in named steps, each adding its checks to the preflight report: the data (the
     cache this codec built), the model (start weights, LoRA, what trains), the run on the device
     (precision, activation checkpointing, compile, discriminators), the optimizer, resume, then the
