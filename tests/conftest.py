@@ -104,7 +104,7 @@ def tiny_codec(seed=7, config=TINY_24K):
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         seen = []
-        model.quantize_with_losses(model.encoder(x), seen)
+        model.encode_with_losses(x, seen)
         usage = [torch.zeros(config["codebook_size"], dtype=torch.long) for _ in seen]
         model.reset_dead_codes(usage, [z for _, z in seen], np.random.default_rng(seed))
     return model.eval()

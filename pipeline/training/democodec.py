@@ -11,9 +11,9 @@ and close with pauses (a read-speech corpus: about a second at each end of a 3.7
 uniformly, half the excerpts of such a corpus are silence, and a codec trained on them learns to
 answer every excerpt quietly (measured on real 48 kHz speech, BENCHMARKS.md: 30 dB too quiet).
 
-The demo codec is a SNAC by definition: this is the one trainer that reaches into a codec's
-encoder, quantizer and decoder, through the helpers the seam's Snac gives it
-(model/codecs/snac.py: quantize_with_losses, reset_dead_codes).
+The demo codec is a SNAC by definition: it trains the encoder and quantizer too, through the two
+helpers the seam's Snac gives for that (model/codecs/snac.py: encode_with_losses,
+decode_quantized, reset_dead_codes), and never touches SNAC's modules itself.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def train_demo_codec(manifest, out, settings: dict, device: str = "auto") -> dic
     device = pick_device(device)
     model.to(device)
     loss_fn.to(device)
-    usage = [torch.zeros(model.codebook_size, dtype=torch.long, device=device) for _ in model.vq_strides]
+    usage = [torch.zeros(geo.codebook_size, dtype=torch.long, device=device) for _ in geo.strides]
     model.train()
     t0 = time.time()
     for step in range(1, s["steps"] + 1):
@@ -92,12 +92,12 @@ def train_demo_codec(manifest, out, settings: dict, device: str = "auto") -> dic
             batch[j, :len(piece)] = piece
         x = torch.from_numpy(batch)[:, None].to(device)
         seen = []
-        z_q, cb, commit = model.quantize_with_losses(model.encoder(x), seen)
+        z_q, cb, commit = model.encode_with_losses(x, seen)
         for u, (idx, _) in zip(usage, seen):
             u += torch.bincount(idx.flatten(), minlength=len(u))
         if step % s["reset_every"] == 0 and step <= 0.8 * s["steps"]:
             model.reset_dead_codes(usage, [z for _, z in seen], rng)
-        recon, terms = loss_fn(model.decoder(z_q), x)
+        recon, terms = loss_fn(model.decode_quantized(z_q), x)
         loss = recon + s["codebook_weight"] * cb + s["commitment_weight"] * commit
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,7 +127,7 @@ def train_demo_codec(manifest, out, settings: dict, device: str = "auto") -> dic
 def measure_quality(model, clips) -> dict:
     """Reconstruction metrics of encode -> decode at the codec rate, noise blocks off."""
     rate = model.sampling_rate
-    results, used = [], [set() for _ in model.vq_strides]
+    results, used = [], [set() for _ in model.geometry_at(rate).strides]
     with model.noise_disabled():
         for c in clips:
             x = torch.from_numpy(c)[None, None]
@@ -137,5 +137,5 @@ def measure_quality(model, clips) -> dict:
             for u, cd in zip(used, codes):
                 u.update(cd.flatten().tolist())
     q = {k: round(float(np.mean([r[k] for r in results])), 4) for k in results[0]}
-    q["code_usage"] = [round(len(u) / model.codebook_size, 3) for u in used]
+    q["code_usage"] = [round(len(u) / model.geometry_at(rate).codebook_size, 3) for u in used]
     return q

@@ -206,6 +206,15 @@ class Snac(Codec, SNAC):
         return folder
 
     # the demo codec's training (pipeline/training/democodec.py) trains SNAC's quantizer too
+    def encode_with_losses(self, audio: torch.Tensor, seen: list | None = None):
+        """audio (B, 1, T) -> (quantized latents, codebook loss, commitment loss), gradients through
+        the quantizer by the straight-through estimator; `seen` as in quantize_with_losses."""
+        return self.quantize_with_losses(self.encoder(audio), seen)
+
+    def decode_quantized(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantized latents -> audio at the codec rate (with gradients)."""
+        return self.decoder(z_q)
+
     def quantize_with_losses(self, z, seen: list | None = None):
         """SNAC's ResidualVectorQuantize.forward, also returning codebook and commitment losses
         (VQ-VAE style, per residual level on the factorised latents). `seen`, if given, collects
