@@ -114,15 +114,12 @@ class Codec:
         yield self
 
 
-class Model48:
-    """Mixin of a family's 48 kHz model: the decoder path as stages, decode, LoRA at inference."""
-
-    @property
-    def geometry(self):
-        return self.geometry_at(self.target_rate)
+class Staged:
+    """Mixin: forward is the decoder path, stage by stage (`stages()`), and decode is that path on
+    the codes' latents. A 48 kHz model, and a codec whose own decoder is built that way (Mimi)."""
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> target-rate audio (B, 1, T): the decoder path, stage by stage."""
+        """Latents -> audio (B, 1, T) at the model's rate: the decoder path, the part that trains."""
         x = latents
         for stage in self.stages():
             x = stage.module(x)
@@ -130,6 +127,14 @@ class Model48:
 
     def decode(self, codes: list) -> torch.Tensor:
         return self(self.latents(codes))
+
+
+class Model48(Staged):
+    """Mixin of a family's 48 kHz model: the decoder path as stages, decode, LoRA at inference."""
+
+    @property
+    def geometry(self):
+        return self.geometry_at(self.target_rate)
 
     # LoRA at inference: adapters hot-swap on the loaded base (see pipeline.model.lora)
     def load_lora(self, path, adapter: str | None = None):

@@ -69,7 +69,7 @@ from transformers.models.mimi.modeling_mimi import (MimiConv1d, MimiConvTranspos
 
 from ...geometry import Geometry
 from ...settings import TRAIN_DEFAULTS
-from .base import NEW_BLOCK, Codec, Model48, Stage, freeze, reach, with_codec_weights
+from .base import NEW_BLOCK, Codec, Model48, Stage, Staged, freeze, reach, with_codec_weights
 from .heads import INTERPOLATORS, RESIDUAL_GAIN, head_taps
 
 FAMILY = "mimi"
@@ -150,7 +150,7 @@ def check_n_q(config: MimiConfig, n_q: int | None) -> int:
     return int(n_q)
 
 
-class Mimi(Codec, nn.Module):
+class Mimi(Codec, Staged, nn.Module):
     """The codec: transformers' MimiModel's parts under their own names, using n_q codebooks."""
     FAMILY = FAMILY
     FROZEN = ("encoder.", "encoder_transformer.", "downsample.", "quantizer.")   # fixed: the codes keep their meaning
@@ -222,16 +222,6 @@ class Mimi(Codec, nn.Module):
             name = f"decoder.layers.{a}" if b == a + 1 else f"decoder.layers.{a}-{b - 1}"
             out.append(Stage(name, layers[a] if b == a + 1 else nn.Sequential(*layers[a:b]), rate, bool(ups)))
         return out
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> audio (B, 1, T): the decoder path, the part that trains."""
-        x = latents
-        for stage in self.stages():
-            x = stage.module(x)
-        return x
-
-    def decode(self, codes: list) -> torch.Tensor:
-        return self(self.latents(codes))
 
     def context(self) -> dict:
         """{"encoder": (left, right), "decoder": (left, right)}: finest frames before and after a
