@@ -280,7 +280,7 @@ def throughput(work: Path, cpu: bool) -> dict:
         tr, bd = statistics.median(r["trainer_audio_s_per_s"]), statistics.median(r["bound_audio_s_per_s"])
         goal = r["goal_audio_s_per_s"]
         slow = max(r["parts_s"], key=r["parts_s"].get)
-        parts.append(f"{r['phase']}: trainer {bench._num(tr)} / bound {bench._num(bd)} audio s/s ({r['ratio']:.2f}x"
+        parts.append(f"{r['phase']}: trainer {bench._num(tr)} / bound {bench._num(bd)} audio s/s ({r['ratio']:.3f}x"
                      f"{'' if r['ratio'] >= bench.GOAL_RATIO else ' < 0.9'}), goal {goal:g}"
                      f"{'' if goal is None or tr >= goal else ' NOT met'}; most time: {slow}"
                      + (f"; {r['peak_gib']:.1f} GiB" if "peak_gib" in r else ""))
