@@ -393,10 +393,10 @@ def _cache_info(a) -> int:
     try:
         codec = None
         if a.check and a.codec:
-            from .data.cache import Shard, shard_paths
+            from .data.cache import shard_paths
+            from .data.manifest import n_q_of
             from .model import codecs
-            recorded = Shard(shard_paths(a.cache)[0]).fingerprint      # the codec as the cache used it (n_q)
-            codec = codecs.load(a.codec, recorded.get("n_q"))
+            codec = codecs.load(a.codec, n_q_of(shard_paths(a.cache)))      # the codec as the cache used it
         info = cache_info(a.cache, a.check, codec, None if a.json else console.print)
     except CacheError as e:
         console.print(f"[bold red]cache error:[/] {e}")

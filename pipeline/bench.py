@@ -35,7 +35,7 @@ from rich.table import Table
 
 from .data import audio as A
 from .model import codecs
-from .settings import PRECOMPUTE_DEFAULTS, segment_frames
+from .settings import PRECOMPUTE_DEFAULTS, segment_frames, segment_samples
 from .ui import console, progress
 
 BENCH_DIR = Path("results/bench")
@@ -581,7 +581,7 @@ def phase_throughput(t, steps: int = 4, rounds: int = 2) -> dict:
     s, device = t.s, t.device
     per_step = s["batch_size"] * s["grad_accum"]
     geo = t.model.geometry
-    seg_s = segment_frames(s["segment_seconds"], geo) * geo.hop_target / geo.target_rate
+    seg_s = segment_samples(s, geo) / geo.target_rate
     loader = t.batches
     memory = itertools.repeat(_pinned(next(loader), device))
     t.s = s = {**s, "log_every": steps}           # each window ends with a logged step
@@ -719,14 +719,14 @@ def memory(configfiles: list, other_checkpointing: bool = False, one_adapter: bo
                   ((name, s), (f"{name} (what if)", {**s, "activation_checkpointing": not s["activation_checkpointing"]}))}
     for name, s in phases.items():
         r = peak_memory(codec_cfg, cfg["codec"]["target_rate"], s, cfg["codec"].get("n_q"))
-        rows.append({"phase": name, "micro_batch": s["batch_size"] // s["nproc_per_node"],
-                     "segment_seconds": s["segment_seconds"], "grad_accum": s["grad_accum"],
-                     "checkpointing": s["activation_checkpointing"], "precision": s["precision"],
-                     "adversarial": s["adversarial"]["enabled"], **r,
-                     "fits": r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9})
-        t.add_row(name, f"{s['batch_size'] // s['nproc_per_node']} x {s['segment_seconds']} s", str(s["grad_accum"]),
+        row = {"phase": name, "micro_batch": s["batch_size"] // s["nproc_per_node"],
+               "segment_seconds": s["segment_seconds"], "grad_accum": s["grad_accum"],
+               "checkpointing": s["activation_checkpointing"], "precision": s["precision"],
+               "adversarial": s["adversarial"]["enabled"], **r, "fits": r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9}
+        rows.append(row)
+        t.add_row(name, f"{row['micro_batch']} x {s['segment_seconds']} s", str(s["grad_accum"]),
                   str(s["activation_checkpointing"]), s["precision"], str(s["adversarial"]["enabled"]),
-                  f"{r['peak_gib']:.1f}", "yes" if r["peak_gib"] * GIB <= 0.9 * GPU_GB * 1e9 else "[red]no")
+                  f"{r['peak_gib']:.1f}", "yes" if row["fits"] else "[red]no")
     console.print(t, width=max(console.width, 130))
     return rows
 

@@ -222,12 +222,13 @@ def end_to_end(work: Path, cpu: bool) -> dict:
                     pass
         time.sleep(0.05)
     first_rc = p.wait(timeout=600)
-    first_log = (root / "results/logs/train/warmup.log").read_text() if (root / "results/logs/train/warmup.log").is_file() else ""
+    warmup_log = root / "results/logs/train/warmup.log"
+    first_log = warmup_log.read_text() if warmup_log.is_file() else ""
     # 2. the whole DAG: warmup resumes, then full, lora, evaluation, final.pt
     p = snakemake(root, ["results/phase11/final.pt"], work / "e2e-2.log", ["--rerun-incomplete"])
     rc = p.wait(timeout=3600)
     wall = time.perf_counter() - t0
-    log = (root / "results/logs/train/warmup.log").read_text() if (root / "results/logs/train/warmup.log").is_file() else ""
+    log = warmup_log.read_text() if warmup_log.is_file() else ""
     resumed = next((l.strip() for l in log.splitlines() if "resuming warmup from" in l), None)
     final = root / "results/phase11/final.pt"
     rates = {}
@@ -262,11 +263,11 @@ def _preset_args(work: Path, cpu: bool) -> dict:
 
 
 def bench_memory(work: Path, cpu: bool) -> dict:
-    from .bench import memory
+    from .bench import GPU_GB, memory
     rows = memory(_preset_args(work, cpu)["configfiles"], other_checkpointing=True, one_adapter=True)
     summary = "; ".join(f"{r['phase']} {r['micro_batch']} x {r['segment_seconds']:g} s x {r['grad_accum']}"
                         f"{' with' if r['checkpointing'] else ' without'} checkpointing: {r['peak_gib']:.1f} GiB"
-                        f"{'' if r['fits'] else ' (does NOT fit 80 GB - 10 %)'}" for r in rows)
+                        f"{'' if r['fits'] else f' (does NOT fit {GPU_GB:g} GB - 10 %)'}" for r in rows)
     preset = [r for r in rows if "what if" not in r["phase"]]
     return {"ok": all(r["fits"] for r in preset) or cpu, "summary": summary, "rows": rows}
 
@@ -281,7 +282,7 @@ def throughput(work: Path, cpu: bool) -> dict:
         goal = r["goal_audio_s_per_s"]
         slow = max(r["parts_s"], key=r["parts_s"].get)
         parts.append(f"{r['phase']}: trainer {bench._num(tr)} / bound {bench._num(bd)} audio s/s ({r['ratio']:.3f}x"
-                     f"{'' if r['ratio'] >= bench.GOAL_RATIO else ' < 0.9'}), goal {goal:g}"
+                     f"{'' if r['ratio'] >= bench.GOAL_RATIO else f' < {bench.GOAL_RATIO}'}), goal {goal:g}"
                      f"{'' if goal is None or tr >= goal else ' NOT met'}; most time: {slow}"
                      + (f"; {r['peak_gib']:.1f} GiB" if "peak_gib" in r else ""))
     return {"ok": True, "summary": "; ".join(parts), "rows": rows}

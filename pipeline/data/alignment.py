@@ -22,7 +22,6 @@ import math
 import numpy as np
 import torch
 
-from ..geometry import geometry_of
 from . import audio as A
 
 # a right cache re-encodes its codes with agreement (kappa) >= 0.95 (near-ties flip after int16 and
@@ -61,7 +60,7 @@ def check_shard(shard, codec, n_checks: int = 8, seg_coarse: int | None = None, 
     re-encoded codes pooled over all checks and levels (`reencode_compared` codes). Pooled, because
     one near-tie flip among 4 coarse codes is 25 %."""
     fp, rng = shard.fingerprint, np.random.default_rng(seed)
-    geo = geometry_of(fp)
+    geo = shard.geometry
     strides, hop, hop_t, coarse, q = geo.strides, geo.hop, geo.hop_target, geo.coarsest, geo.quantum
     ctx = codec.context()
     if seg_coarse is None:

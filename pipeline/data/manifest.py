@@ -419,6 +419,14 @@ def shard_record(shard_dir) -> dict | None:
     return attrs if isinstance(attrs, dict) else {}
 
 
+def n_q_of(cache_paths) -> int | None:
+    """The number of codebooks a cache was built with (its fingerprint's n_q: codec.n_q, a
+    precompute setting; a SNAC cache records none: all). One zarr.json read; a shard that has none
+    is reported where the cache is opened."""
+    record = shard_record(cache_paths[0]) if cache_paths else None
+    return ((record or {}).get("fingerprint") or {}).get("n_q")
+
+
 # ---- held-out is held out ---------------------------------------------------------------------------
 class HeldoutProbe:
     """Sees training rows one by one and remembers those that are also held-out rows: the same id,

@@ -105,13 +105,12 @@ def evaluate(codec_dir, heldout_paths, models: dict, out, settings: dict | None 
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, utt_path)
-    done_s = sum(int(sh.table["samples"][i]) for sh, i in todo) / target_rate
     dump_json({"rate": target_rate, "codec_nyquist_hz": split, "models": list(decoders), "clips": clips},
               clip_dir / "index.json")
 
     boot = dict(n_boot=s["bootstrap"], seed=0)
     result = {
-        "utterances": len(todo), "seconds": round(done_s, 2), "heldout_utterances": total,
+        "utterances": len(todo), "seconds": round(budget_s, 2), "heldout_utterances": total,
         "max_seconds": s["max_seconds"], "target_rate": target_rate, "codec_rate": fp["codec_rate"],
         "bands_hz": {"lsd_db": [0, target_rate / 2], "lsd_lo_db": [0, split], "lsd_hi_db": [split, target_rate / 2]},
         "lsd_floor_db": s["lsd_floor_db"], "better": {m: BETTER[m] for m in names},

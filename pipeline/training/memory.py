@@ -40,7 +40,7 @@ def build(codec_config: dict, target_rate: int, s: dict, device, n_q: int | None
         apply_lora(model, lora_config(s))
     groups, _ = param_groups(model, s["groups"], s["lr"])
     model.to(device).train()
-    set_precision(s["precision"], torch.device(device), model)
+    set_precision(s["precision"], torch.device(device))            # the TF32 flags
     # the split on the CPU too: CPU bf16 autocast stands in for CUDA's in the estimate
     run = DecoderRun(model, bf16_split(model) if s["precision"] == "bf16" else 0, s["activation_checkpointing"])
     loss_fn = ReconstructionLoss(target_rate, s["lambdas"], n_ffts=s["n_ffts"], n_mels=s["n_mels"]).to(device)

@@ -30,6 +30,7 @@ import torch
 from rich.progress import TextColumn
 
 from ..data.cache import CACHE_FORMAT, CacheError
+from ..data.manifest import n_q_of
 from ..data.segments import SegmentBatches, build_pool, collate, fixed_segments, open_training_cache
 from ..model import codecs
 from ..model.codecs.base import state_digest
@@ -327,15 +328,6 @@ def setup_loader(t: Trainer, data: Data):
         batch_size=None, num_workers=workers, prefetch_factor=max(2, -(-2 * s["grad_accum"] // workers)) if workers else None,
         pin_memory=t.device.type == "cuda", worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(s["seed"])))   # not the global RNG: resume restores that
-
-
-def n_q_of(cache_paths) -> int | None:
-    """The number of codebooks the cache was built with (its fingerprint's n_q: codec.n_q, a
-    precompute setting; a SNAC cache records none: all). One zarr.json read; a shard that has none
-    is reported where the cache is opened."""
-    from ..data.manifest import shard_record
-    record = shard_record(cache_paths[0]) if cache_paths else None
-    return ((record or {}).get("fingerprint") or {}).get("n_q")
 
 
 def new_state(run: str, phase: str) -> dict:

@@ -174,13 +174,16 @@ def rebuild_if_deleted(split, k):
     summary = f"{RESULTS}/{SPLITS[split]['summary']}/summary.json"
     if not workflow.is_main_process or path in _FORCED or os.path.exists(path) or not os.path.exists(summary):
         return
-    dag = workflow.dag
-    if dag is None:             # not building a DAG (--lint, --list-rules ...)
+    if workflow.dag is None:    # not building a DAG (--lint, --list-rules ...)
         return
+    force(path, f"is missing although {summary}, built from it, exists")
+
+
+def force(path, why):
+    """Rebuild `path` and rerun what depends on it (as --forcerun would), once, saying why."""
     _FORCED.add(path)
-    logger.warning(f"{path} is missing although {summary}, built from it, exists: rebuilding it "
-                   "(and rerunning what depends on it)")
-    dag.forcefiles.add(path)
+    logger.warning(f"{path} {why}: rebuilding it (and rerunning what depends on it)")
+    workflow.dag.forcefiles.add(path)
 
 
 def rebuild_if_stale(split, k):
@@ -207,13 +210,10 @@ def rebuild_if_stale(split, k):
     recorded = persistence.params(IOFile(path)) if persistence is not None else None
     if recorded and repr(want) not in recorded:
         return                  # the params changed: Snakemake reruns the shard anyway
-    _FORCED.add(path)
-    why = ("has no record of the manifest rows it was built from (written by an older version of this "
-           "pipeline)" if "rows" not in record else
-           "was built from other manifest rows than the current ones (restored from a backup, copied from "
-           "another tree, or edited?)")
-    logger.warning(f"{path} {why}: rebuilding it (and rerunning what depends on it)")
-    workflow.dag.forcefiles.add(path)
+    force(path, "has no record of the manifest rows it was built from (written by an older version of this "
+          "pipeline)" if "rows" not in record else
+          "was built from other manifest rows than the current ones (restored from a backup, copied from "
+          "another tree, or edited?)")
 
 
 def shard_split(wc):

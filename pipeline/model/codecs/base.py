@@ -187,12 +187,12 @@ def reach(fn, channels: int, per_frame: int, quantum: int, device) -> tuple[int,
 
 
 @torch.inference_mode()
-def decode_reach(decode, geo, device, start: int = 0) -> tuple[int, int]:
+def decode_reach(decode, geo, device) -> tuple[int, int]:
     """(left, right): finest frames of codes before and after an output frame that its audio
     depends on, in whole quanta, measured through `decode` (noise off) as `reach` measures: new
     random codes in one aligned quantum block of random codes, and how far after the block (left
     context: what the decoder looks back) and before it (right context: what it looks ahead) the
-    audio moves. `start`: a first input length in frames (a known bound spares the doubling)."""
+    audio moves."""
     size, q = geo.codebook_size, geo.quantum
 
     def probe(frames, m, g):
@@ -205,17 +205,16 @@ def decode_reach(decode, geo, device, start: int = 0) -> tuple[int, int]:
             codes.append(c)
             moved.append(d)
         return decode([torch.cat(pair).to(device) for pair in zip(codes, moved)])
-    return sides(probe, q, start=start)
+    return sides(probe, q)
 
 
-def sides(probe, quantum: int, floor: float = 1e-6, start: int = 0) -> tuple[int, int]:
+def sides(probe, quantum: int, floor: float = 1e-6) -> tuple[int, int]:
     """(left, right): how many finest frames after and before a changed quantum block the output
     moves by more than `floor` times its largest change, rounded up to quanta. `probe(frames, m,
     generator)` returns the outputs (2, C, frames * samples_per_frame) of an input and of the same
     input changed in frames [m, m + quantum); the input doubles until the change stays inside it."""
-    frames, g = max(8 * quantum, math.ceil(start / quantum) * quantum), torch.Generator().manual_seed(0)
-    limit = max(1024 * quantum, 2 * frames)
-    while frames <= limit:
+    frames, g = 8 * quantum, torch.Generator().manual_seed(0)
+    while frames <= 1024 * quantum:
         m = frames // 2 // quantum * quantum
         y = probe(frames, m, g).float().cpu()
         d = (y[0] - y[1]).abs().amax(0)
