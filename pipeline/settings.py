@@ -207,13 +207,21 @@ def check_phase(s: dict, where: str) -> None:
 
 
 def check_segment(s: dict, geo, where: str) -> None:
-    """Spectral loss sizes must fit in a training segment (they used to be clamped silently)."""
+    """Spectral loss sizes must fit in a training segment (they used to be clamped silently), and
+    the discriminators' STFT sizes in what they see of it (the segment, or its crop_seconds window)."""
     from_frames = segment_samples(s, geo)
     too_big = [n for n in s["n_ffts"] if n > from_frames]
     if too_big:
         raise ValueError(f"{where}.n_ffts: {too_big} exceed a training segment of {from_frames} samples "
                          f"(segment_seconds {s['segment_seconds']} at {geo.target_rate} Hz): lower them or "
                          "lengthen the segments")
+    a = s["adversarial"]
+    if a["enabled"] and a["stft_n_ffts"]:
+        seen = from_frames if a["crop_seconds"] is None else min(from_frames, round(a["crop_seconds"] * geo.target_rate))
+        if max(a["stft_n_ffts"]) > seen:
+            raise ValueError(f"{where}.adversarial.stft_n_ffts: {max(a['stft_n_ffts'])} exceeds the {seen} samples the "
+                             f"discriminators see (segment_seconds {s['segment_seconds']}, crop_seconds "
+                             f"{a['crop_seconds']} at {geo.target_rate} Hz)")
 
 
 def segment_frames(seconds: float, geo) -> int:

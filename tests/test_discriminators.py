@@ -247,3 +247,65 @@ def test_settings_are_checked_and_the_preset_validates():
     with torch.device("meta"):                     # the real sizes construct (no memory: meta tensors)
         d = Discriminators(full, geometry)
     assert sum(p.numel() for p in d.parameters()) > 1e6
+
+
+def test_one_pass_over_real_and_fake_is_the_two_passes(batch):
+    """The discriminators' step may score real and fake in one pass over both batches (a lever
+    for the GPU): the same terms and the same updated weights as a pass each (no layer mixes the
+    items of a batch)."""
+    codec, codes, real = batch
+    geometry = M.from_codec(codec, 48000).geometry
+    fake = real.flip(-1) * 0.5 + 0.01 * torch.randn_like(real)
+    mask = torch.ones_like(real, dtype=torch.bool)
+    mask[1, :, 3000:] = False
+    one, two = Adversarial(settings(), geometry), Adversarial(settings(), geometry)
+    one.joint, two.joint = True, False
+    t1, t2 = one.discriminator_step(real, fake, mask), two.discriminator_step(real, fake, mask)
+    for k in t1:
+        assert torch.allclose(torch.as_tensor(t1[k]), torch.as_tensor(t2[k]), rtol=1e-5, atol=1e-7), k
+    w1, w2 = d_weights(one), d_weights(two)
+    assert all(torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-7) for k in w1)
+    assert not same(w1, d_weights(Adversarial(settings(), geometry)))        # and they did learn
+
+
+def test_the_discriminators_see_windows_where_the_audio_is_real(batch):
+    """crop_seconds: one window per item, the same in real and fake, inside the item's real
+    samples, drawn from (seed, key) alone; the losses are those of the windows, and the generator's
+    gradient reaches the prediction inside its windows only."""
+    codec, codes, real = batch
+    geometry = M.from_codec(codec, 48000).geometry
+    fake = (real.flip(-1) * 0.5).requires_grad_()
+    adv = Adversarial(settings(crop_seconds=1024 / 48000), geometry, seed=5)
+    mask = torch.ones_like(real, dtype=torch.bool)
+    mask[1, :, 1500:] = False
+    r, f, m = adv.crop(real, fake, mask, [4096, 1500], key=(3, 0, 0))
+    assert r.shape == f.shape == m.shape == (2, 1, 1024) and bool(m.all())
+    starts = [next(o for o in range(4096 - 1023) if torch.equal(real[b, :, o:o + 1024], r[b])) for b in (0, 1)]
+    assert starts[1] + 1024 <= 1500 and all(torch.equal(f[b], fake[b, :, o:o + 1024]) for b, o in enumerate(starts))
+    again = adv.crop(real, fake, mask, [4096, 1500], key=(3, 0, 0))[0]
+    assert torch.equal(again, r)                                             # a resumed run draws the same
+    draws = {tuple(adv.crop(real, fake, None, None, key=(k, 0, 0))[0][:, 0, 0].tolist()) for k in range(8)}
+    assert len(draws) > 4                                                    # and each step elsewhere
+    g, _ = adv.generator_loss(r, f, m)
+    g.backward()
+    inside = torch.zeros_like(real, dtype=torch.bool)
+    for b, o in enumerate(starts):
+        inside[b, :, o:o + 1024] = True
+    assert fake.grad[~inside].abs().max() == 0 and fake.grad[inside].abs().max() > 0
+    # no window (null, or one no shorter than the segment): what goes in comes out
+    for whole in (Adversarial(settings(), geometry), Adversarial(settings(crop_seconds=1.0), geometry)):
+        assert all(a is b for a, b in zip(whole.crop(real, fake, mask, [4096, 1500], key=(1,)), (real, fake, mask)))
+    with pytest.raises(ValueError, match="adversarial.crop_seconds"):
+        Adversarial(settings(crop_seconds=128 / 48000), geometry)         # shorter than its 256-point STFT
+
+
+def test_a_window_too_short_for_the_stft_sizes_is_a_config_error():
+    from pipeline.settings import TRAIN_DEFAULTS, check_segment
+    geometry = SimpleNamespace(target_rate=48000, hop_target=1024, quantum=4)
+    s = {**TRAIN_DEFAULTS, "segment_seconds": 1.0,
+         "adversarial": {**leaf_defaults(BLOCK), "enabled": True, "stft_n_ffts": [2048, 512]}}
+    check_segment(s, geometry, "train.full")
+    with pytest.raises(ValueError, match=r"train.full.adversarial.stft_n_ffts: 2048 exceeds the 1920 samples"):
+        check_segment({**s, "adversarial": {**s["adversarial"], "crop_seconds": 0.04}}, geometry, "train.full")
+    with pytest.raises(ValueError, match=r"train.full.adversarial.stft_n_ffts: 4096000 exceeds"):
+        check_segment({**s, "adversarial": {**s["adversarial"], "stft_n_ffts": [4096000]}}, geometry, "train.full")

@@ -109,9 +109,9 @@ def test_finished_run_asked_again_trains_from_step_0(small_cache, tmp_path, tmp_
 def test_adversarial_phase_resumes_exactly(small_cache, tmp_path, monkeypatch):
     """Discriminator weights, optimizer and scheduler are in every step checkpoint: killed at step
     4 (the discriminators joined at step 3) and resumed, the run ends where an uninterrupted one
-    does, generator and discriminators alike; every adversarial term is logged."""
+    does, generator and discriminators alike (their windows too); every adversarial term is logged."""
     s = settings(adversarial={"enabled": True, "start_step": 2, "periods": [2], "period_channels": [4, 8],
-                              "stft_n_ffts": [256], "stft_channels": 4})
+                              "stft_n_ffts": [256], "stft_channels": 4, "crop_seconds": 0.1})
     run(small_cache, "warmup", s, tmp_path / "straight")
     killed_at(small_cache, tmp_path / "killed", s, 4, monkeypatch)
     run(small_cache, "warmup", s, tmp_path / "killed")
@@ -401,6 +401,14 @@ def test_memory_estimate_counts_what_checkpointing_saves():
     light = estimate_cpu(TINY_24K, 48000, {**s, "activation_checkpointing": True}, probe_seconds=0.25)
     assert double["activations_gib"] == pytest.approx(2 * base["activations_gib"])
     assert light["activations_gib"] < 0.7 * base["activations_gib"] and light["state_gib"] == base["state_gib"]
+    # the discriminators' activations scale with what they see: half a segment, half of them
+    adv = {"enabled": True, "periods": [2], "period_channels": [4, 8], "stft_n_ffts": [256], "stft_channels": 4}
+    whole, half = (estimate_cpu(TINY_24K, 48000, settings(segment_seconds=0.5, groups=[{"pattern": "decoder"}],
+                                                          adversarial={**adv, "crop_seconds": c}), probe_seconds=0.25)
+                   for c in (None, 0.25))
+    assert whole["activations_gib"] - base["activations_gib"] > 0
+    assert half["activations_gib"] - base["activations_gib"] == pytest.approx(
+        (whole["activations_gib"] - base["activations_gib"]) / 2, rel=0.05)
 
 
 def test_schedules():

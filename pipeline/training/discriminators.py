@@ -20,6 +20,12 @@ lambdas.adversarial * adversarial + lambdas.feature_matching * feature_matching.
 in fp32 with autocast off. `adv/*_new_band` terms (the new band's critics alone) are logged, not
 added.
 
+Windows (`crop_seconds`): the discriminators may see one window of each segment instead of all of
+it, at a place drawn uniformly within the item's real samples (DAC trains its discriminators on
+0.38 s excerpts, HiFi-GAN on 0.37 s). Their cost (most of `full`'s step on a GPU) falls in
+proportion; their losses are means, so the lambdas keep their meaning. Where a window starts is a
+pure function of (seed, step, micro-batch, process), so a resumed run draws the same windows.
+
 Padding: with a mask (BoolTensor (B, 1, T), True on real samples), the padded samples of real and
 fake are zeroed before any discriminator. They then differ nowhere and pass no gradient to the
 generator; the discriminators still see those frames (as silence, identical in real and fake),
@@ -30,8 +36,9 @@ The trainer's step (the discriminator learns on the detached prediction, then sc
     adv = Adversarial(s["adversarial"], model.geometry, seed=s["seed"]).to(device)
     pred = model.decode(codes); loss, terms = loss_fn(pred.float(), target)
     if adv.active(step):
-        terms |= adv.discriminator_step(target, pred.detach(), mask)
-        g, g_terms = adv.generator_loss(target, pred, mask)
+        seen = adv.crop(target, pred, mask, lengths, key=(step, micro_batch, rank))
+        terms |= adv.discriminator_step(*seen)
+        g, g_terms = adv.generator_loss(*seen)
         loss, terms = loss + g, terms | g_terms
     ... loss.backward(); clip; opt.step()
     step checkpoints: torch.save(adv.state_dict(), ...); adv.load_state_dict(torch.load(..., weights_only=True))
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +56,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from .spectral import band_bins, reflect_pad, stft
 
 KEYS = ("enabled", "start_step", "loss", "periods", "period_channels", "stft_n_ffts", "stft_channels",
-        "band_edges", "lambdas", "lr", "betas", "weight_decay", "lr_decay", "grad_clip")
+        "band_edges", "crop_seconds", "lambdas", "lr", "betas", "weight_decay", "lr_decay", "grad_clip")
 LOSSES = ("least_squares", "hinge")
 
 
@@ -134,6 +142,9 @@ class Adversarial:
     schema's block; its defaults live there) and the model's geometry. The discriminators are
     initialised from `seed` without touching the global RNG, so that enabling them changes
     nothing before `start_step`."""
+    # whether the discriminators' step scores real and fake in one pass over both: no faster on 2
+    # CPU cores (0.96x, bench discriminators); a lever for the GPU to measure
+    joint = False
 
     def __init__(self, settings: dict, geometry, seed: int = 0):
         s = dict(settings)
@@ -148,7 +159,11 @@ class Adversarial:
             raise ValueError(f"adversarial.band_edges must ascend strictly within (0, 1), got {s['band_edges']}")
         if set(s["lambdas"]) != {"adversarial", "feature_matching"}:
             raise ValueError(f"adversarial.lambdas must be {{adversarial, feature_matching}}, got {s['lambdas']}")
-        self.s, self.kind, self.start_step = s, s["loss"], int(s["start_step"])
+        self.s, self.kind, self.start_step, self.seed = s, s["loss"], int(s["start_step"]), int(seed)
+        self.window = None if s["crop_seconds"] is None else round(s["crop_seconds"] * geometry.target_rate)
+        if self.window is not None and s["stft_n_ffts"] and self.window < max(s["stft_n_ffts"]):
+            raise ValueError(f"adversarial.crop_seconds: a window of {self.window} samples is shorter than the largest "
+                             f"of stft_n_ffts {s['stft_n_ffts']}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.discriminator = Discriminators(s, geometry)
@@ -170,8 +185,32 @@ class Adversarial:
             real, fake = real.masked_fill(~mask, 0.0), fake.masked_fill(~mask, 0.0)
         return real, fake
 
+    def crop(self, real, fake, mask=None, lengths=None, key=()) -> tuple:
+        """(real, fake, mask) as the discriminators see them: with crop_seconds, one window per item,
+        the same in real and fake, starting anywhere it fits within the item's `lengths` real
+        samples (all of it: the segment), drawn from (seed, *key); without, or when the segment is no
+        longer than a window, unchanged."""
+        n, length = self.window, real.shape[-1]
+        if n is None or n >= length:
+            return real, fake, mask
+        rng = np.random.default_rng([self.seed, *key])
+        starts = [int(rng.integers(0, max(k - n, 0) + 1)) for k in (lengths or [length] * real.shape[0])]
+
+        def take(x):                 # slices: a backward with no atomics (deterministic on CUDA)
+            return None if x is None else torch.stack([x[b, ..., o:o + n] for b, o in enumerate(starts)])
+        return take(real), take(fake), take(mask)
+
     def _new_band(self, outs: list) -> list:
         return [logits[-1] for _, logits in outs[len(self.discriminator.periods):]]
+
+    def _both(self, real, fake) -> tuple:
+        """The discriminators' outputs for real and for fake: one pass over both batches together
+        (each item is scored alone: no layer mixes items), or two with `joint` off."""
+        if not self.joint:
+            return self.discriminator(real), self.discriminator(fake)
+        b, outs = real.shape[0], self.discriminator(torch.cat([real, fake]))
+        return ([([f[:b] for f in fm], [l[:b] for l in lg]) for fm, lg in outs],
+                [([f[b:] for f in fm], [l[b:] for l in lg]) for fm, lg in outs])
 
     def discriminator_step(self, real, fake, mask=None, part=(0, 1)) -> dict:
         """The discriminators learn on (real, fake.detach()); -> logged terms. With gradient
@@ -180,7 +219,7 @@ class Adversarial:
         i, n = part
         with torch.autocast(real.device.type, enabled=False):
             real, fake = self._inputs(real, fake.detach(), mask)
-            out_r, out_f = self.discriminator(real), self.discriminator(fake)
+            out_r, out_f = self._both(real, fake)
             loss = sum(d_loss(self.kind, flat(r), flat(f)) for (_, r), (_, f) in zip(out_r, out_f))
             new = [d_loss(self.kind, r, f) for r, f in zip(self._new_band(out_r), self._new_band(out_f))]
             if i == 0:

@@ -247,7 +247,7 @@ class Padding:
         n = lengths.tolist()
         if min(n) == 0:
             raise ValueError("mask: an item has no real sample")
-        self.samples = sum(n)                          # real samples in the batch
+        self.samples, self.lengths = sum(n), n         # real samples in the batch, in each item
         self._groups = [(length, None)] if min(n) == length else \
             [(k, torch.tensor([i for i, v in enumerate(n) if v == k])) for k in sorted(set(n))]
         self._on = {}

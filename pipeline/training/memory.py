@@ -8,7 +8,8 @@ On CPU it is an estimate, and labelled so: the tensors autograd saves for the ba
 counted (each storage once) on a probe of one segment of a few seconds, attributed to the decoder
 layer that saved them and scaled to batch_size x segment_seconds, under the same precision split
 as on CUDA (CPU bf16 autocast stands in); weights, gradients and AdamW's two moments are added
-(the discriminators' too; their own step and the generator's adversarial pass do not overlap).
+(the discriminators' too; their own step and the generator's adversarial pass do not overlap,
+and their activations scale with what they see: the segment or its crop_seconds window).
 With activation checkpointing a decoder block keeps only its input, and
 the largest block's activations come back during its backward. Allocator fragmentation, cuDNN
 workspaces and temporaries that are not saved for backward are not counted: leave headroom.
@@ -59,10 +60,11 @@ def step(model, run, loss_fn, adv, codes, target, opt=None, mark=lambda part: No
     pred = run(model.latents(codes))
     loss, _ = loss_fn(pred, target)
     if adv:
+        seen = adv.crop(target, pred)
         mark("discriminator step")
-        adv.discriminator_step(target, pred)
+        adv.discriminator_step(*seen)
         mark("generator adversarial")
-        loss = loss + adv.generator_loss(target, pred)[0]
+        loss = loss + adv.generator_loss(*seen)[0]
     loss.backward()
     if opt:
         opt.step()
@@ -96,10 +98,13 @@ def estimate_cpu(codec_config: dict, target_rate: int, s: dict, probe_seconds: f
                  n_q: int | None = None) -> dict:
     s = copy.deepcopy(s)
     checkpointing, s["activation_checkpointing"] = s["activation_checkpointing"], False
+    crop, s["adversarial"]["crop_seconds"] = s["adversarial"]["crop_seconds"], None    # the probe: whole
     model, trainable, run, loss_fn, adv = build(codec_config, target_rate, s, "cpu", n_q)
     geo = model.geometry
     frames, probe = segment_frames(s["segment_seconds"], geo), segment_frames(probe_seconds, geo)
     scale = (s["batch_size"] // s["nproc_per_node"]) * frames / probe
+    seen = frames if crop is None else min(frames, crop * geo.target_rate / geo.hop_target)
+    d_scale = scale * seen / frames                  # the discriminators see crop_seconds of each segment
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     if adv:
         params |= {p.untyped_storage().data_ptr() for p in adv.params}
@@ -131,7 +136,7 @@ def estimate_cpu(codec_config: dict, target_rate: int, s: dict, probe_seconds: f
     # the discriminators' step is over (its activations freed) before the generator's adversarial
     # pass, while the decoder's graph lives through both
     d_step, g_adv = saved.pop("discriminator step", 0), saved.pop("generator adversarial", 0)
-    activations = sum(saved.values()) + max(d_step, g_adv)
+    activations, d_activations = sum(saved.values()), max(d_step, g_adv)
     if checkpointing:        # a block keeps its input; its activations return during its backward
         activations += sum(inputs[n] for n in blocks) - sum(saved.get(n, 0) for n in blocks)
         activations += max(saved.get(n, 0) for n in blocks)
@@ -140,8 +145,9 @@ def estimate_cpu(codec_config: dict, target_rate: int, s: dict, probe_seconds: f
     state = (sum(p.numel() for p in model.parameters()) + (sum(p.numel() for p in adv.params) if adv else 0)
              + 3 * train_params) * fp32                      # weights + gradients + AdamW's two moments
     batch = scale * (target.nbytes + sum(c.nbytes for c in codes))
-    return {"peak_gib": (state + batch + scale * activations) / GIB, "how": "estimate (CPU, saved tensors)",
-            "state_gib": state / GIB, "activations_gib": scale * activations / GIB}
+    activations = scale * activations + d_scale * d_activations
+    return {"peak_gib": (state + batch + activations) / GIB, "how": "estimate (CPU, saved tensors)",
+            "state_gib": state / GIB, "activations_gib": activations / GIB}
 
 
 def peak_memory(codec_config: dict, target_rate: int, s: dict, n_q: int | None = None) -> dict:

@@ -392,8 +392,9 @@ def train_step(t: Trainer, step: int) -> dict:
             pred = t.decoder(t.model.latents(codes))
             loss, terms = t.loss_fn(pred, target, pad)
             if t.adv and t.adv.active(step):        # one discriminator step per optimizer step
-                terms.update(t.adv.discriminator_step(target, pred, mask, part=(i, s["grad_accum"])))
-                g, g_terms = t.adv.generator_loss(target, pred, mask)
+                seen = t.adv.crop(target, pred, mask, pad.lengths, key=(step, i, t.group.rank))   # what they see
+                terms.update(t.adv.discriminator_step(*seen, part=(i, s["grad_accum"])))
+                g, g_terms = t.adv.generator_loss(*seen)
                 loss, terms = loss + g, {**terms, **g_terms}
             # backward even when not finite: every process runs the same collectives, and the NaN
             # reaches the averaged gradient norm on every process, which then skips the step
