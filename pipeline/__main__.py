@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     c.add_argument("--chunk-seconds", type=float, default=None, help=CHUNK_HELP)
 
     c = sub.add_parser("bench", help="print throughput figures")
-    c.add_argument("what", choices=["precompute", "train", "memory", "dag", "decode", "throughput", "precision"])
+    c.add_argument("what", choices=["precompute", "train", "memory", "dag", "decode", "throughput", "precision",
+                                    "discriminators"])
     c.add_argument("--seconds", type=float, default=20.0, help="precompute: audio seconds per measurement")
     c.add_argument("--cache-hours", type=float, default=1.0,
                    help="train: hours of synthetic cache, built once under results/bench/ and reused")
@@ -184,10 +185,10 @@ def main(argv=None) -> int:
     c.add_argument("--nproc-per-node", type=int, default=None,
                    help="train: compare a training phase run as 1 and as N processes (DDP) instead")
     c.add_argument("--configfile", nargs="+", default=["config/snac_24khz.yaml"],
-                   help="memory, throughput, precision: the preset(s), layered over config/config.yaml")
+                   help="memory, throughput, precision, discriminators: the preset(s), layered over config/config.yaml")
     c.add_argument("--phases", nargs="+", default=None, choices=PHASES,
-                   help="throughput, precision: these phases only (default: every phase of the preset)")
-    c.add_argument("--steps", type=int, default=4, help="throughput, precision: optimizer steps per timed window")
+                   help="throughput, precision, discriminators: these phases only (default: every phase of the preset)")
+    c.add_argument("--steps", type=int, default=4, help="throughput, precision, discriminators: optimizer steps per timed window")
     c.add_argument("--rows", type=int, default=100_000, help="dag: manifest lines")
     c.add_argument("--shards", type=int, default=64, help="dag: precompute.shards")
     c.add_argument("--rounds", type=int, default=3, help="dag, decode: repetitions of each measurement")
@@ -206,8 +207,9 @@ def main(argv=None) -> int:
                        "table, written as JSON (a few minutes on one H100/H200)")
     c.add_argument("--out", default=None, help="the JSON report (default results/gpu-check/gpu-check-<time>.json)")
     c.add_argument("--skip", nargs="+", default=[], metavar="STEP",
-                   choices=["end to end", "cuda tests", "bench memory", "throughput", "precision"],
-                   help="leave out these steps: 'end to end', 'cuda tests', 'bench memory', throughput, precision")
+                   choices=["end to end", "cuda tests", "bench memory", "throughput", "precision", "discriminators"],
+                   help="leave out these steps: 'end to end', 'cuda tests', 'bench memory', throughput, precision, "
+                   "discriminators")
     c.add_argument("--cpu", action="store_true",
                    help="run the steps on the CPU at toy sizes: tries the check itself where there is no GPU")
 
@@ -380,7 +382,7 @@ def _run(a) -> int | None:
             bench.processes(a.nproc_per_node)
         elif a.what == "train":
             bench.train(a.cache_hours, a.workers, a.segment_seconds)
-        elif a.what in ("throughput", "precision"):
+        elif a.what in ("throughput", "precision", "discriminators"):
             getattr(bench, a.what)(a.configfile, steps=a.steps, rounds=a.rounds, cache_hours=a.cache_hours,
                                    only=a.phases)
         else:

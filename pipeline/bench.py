@@ -653,9 +653,10 @@ def step_parts(t, batches, step: int) -> dict:
         loss, _ = t.loss_fn(pred, target, pad)
         mark("reconstruction losses")
         if t.adv and t.adv.active(step):
-            t.adv.discriminator_step(target, pred, mask, part=(i, s["grad_accum"]))
+            seen = t.adv.crop(target, pred, mask, pad.lengths, key=(step, i))
+            t.adv.discriminator_step(*seen, part=(i, s["grad_accum"]))
             mark("discriminators: their step")
-            g, _ = t.adv.generator_loss(target, pred, mask)
+            g, _ = t.adv.generator_loss(*seen)
             loss = loss + g
             mark("discriminators: generator loss")
         (loss / s["grad_accum"]).backward()
@@ -883,6 +884,74 @@ def precision(configfiles=("config/snac_24khz.yaml",), steps: int = 2, rounds: i
     console.print(tab, width=max(console.width, 120))
     console.print("the default is the fastest precision whose new band stays >= 45 dB SNR against fp32 in every phase "
                   "(pipeline/training/device.py)")
+    return rows
+
+
+# ---- bench discriminators: what a phase's discriminator passes cost --------------------------------
+def discriminators(configfiles=("config/snac_24khz.yaml",), steps: int = 2, rounds: int = 2, cache_hours: float = 0.1,
+                   work: Path | None = None, overrides: dict | None = None, only=None,
+                   crops=(None, 1.0, 0.5)) -> list:
+    """Each phase with discriminators, its training step on one in-memory batch (the bound),
+    eager, in alternating rounds, each lever alone: the discriminators' step as two passes (real,
+    then fake) over whole segments, as one pass over both (Adversarial.joint), and over
+    crop_seconds windows of each segment (`crops`, and the preset's own). -> seconds per
+    optimizer step against the first."""
+    from .training import train as T
+    from .training.discriminators import Adversarial
+    work = Path(work or BENCH_DIR / "throughput")
+    cfg, source, phases, codec_dir, shards = bench_setup(configfiles, work, cache_hours,
+                                                         {**(overrides or {}), "compile": False})
+    rows = []
+    for name, s in phases.items():
+        if not s["adversarial"]["enabled"] or (only and name.split(":")[0] not in only):
+            continue
+        phase, _, adapter = name.partition(":")
+        t = bench_trainer(phase, s, codec_dir, shards, work / "runs" / f"discriminators-{name.replace(':', '-')}",
+                          adapter or "default")
+        t.batches, t.s = itertools.repeat(_pinned(next(t.batches), t.device)), {**t.s, "log_every": 10 ** 9}
+        rate, seg = t.model.geometry.target_rate, segment_samples(t.s, t.model.geometry)
+        own, joint = s["adversarial"]["crop_seconds"], Adversarial.joint
+        wanted = [c for c in dict.fromkeys([*crops, own]) if c is not None and c * rate < seg]
+        preset = (joint, round(own * rate) if own in wanted else None)
+        variants = {"two passes, whole segments": (False, None), "one pass, whole segments": (True, None),
+                    **{f"{'one pass' if joint else 'two passes'}, {c:g} s windows": (joint, round(c * rate))
+                       for c in wanted}}
+
+        def use(v):
+            t.adv.joint, t.adv.window = variants[v]
+        times, step = {v: [] for v in variants}, 0
+        for v in variants:                                     # warm-up: cuDNN picks its kernels
+            use(v)
+            step += 1
+            T.train_step(t, step)
+        for _ in range(rounds):
+            for v in variants:
+                use(v)
+                _sync(t.device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step += 1
+                    T.train_step(t, step)
+                _sync(t.device)
+                times[v].append((time.perf_counter() - t0) / steps)
+        first = statistics.median(times[next(iter(variants))])
+        audio = t.s["batch_size"] * t.s["grad_accum"] * seg / rate
+        for v, xs in times.items():
+            rows.append({"phase": name, "variant": v, "s_per_step": xs, "audio_s_per_s": audio / statistics.median(xs),
+                         "vs_two_passes": first / statistics.median(xs),
+                         "preset": variants[v] == preset})
+        del t
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    tab = Table(title=f"discriminator passes, eager training step on one in-memory batch, {dev}: "
+                      f"{' '.join(map(str, configfiles))} ({source})")
+    for c in ("phase", "discriminators see", "s per step", "audio s per s", "speed vs two passes"):
+        tab.add_column(c, justify="right")
+    for r in rows:
+        xs = r["s_per_step"]
+        tab.add_row(r["phase"], r["variant"] + (" (the preset)" if r["preset"] else ""),
+                    f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})", _num(r["audio_s_per_s"]),
+                    f"{r['vs_two_passes']:.2f}x")
+    console.print(tab, width=max(console.width, 120))
     return rows
 
 

@@ -12,6 +12,8 @@
                   activation checkpointing the other way
   throughput      each phase's trainer beside its bound (pipeline/bench.py)
   precision       fp32, tf32 and bf16: step time and the 12-24 kHz SNR against fp32
+  discriminators  the discriminators' passes, each lever alone: one pass over real and fake
+                  against two, whole segments against crop_seconds windows (full's step)
 
 It prints one table (a row per step; what a step measured in its figures) and writes everything
 as JSON (results/gpu-check/gpu-check-<time>.json, after every step, so a run cut short keeps what
@@ -77,7 +79,8 @@ def main(out: str | None = None, cpu: bool = False, skip=()) -> int:
     # the CUDA tests (small models) run beside the end-to-end run, which measures no speed
     tests = start_cuda_tests(work) if "cuda tests" not in skip else None
     for name, fn in (("end to end", end_to_end), ("cuda tests", lambda w, c: finish_cuda_tests(tests, c)),
-                     ("bench memory", bench_memory), ("throughput", throughput), ("precision", precision)):
+                     ("bench memory", bench_memory), ("throughput", throughput), ("precision", precision),
+                     ("discriminators", discriminators)):
         if name in skip:
             continue
         console.rule(f"gpu-check: {name}")
@@ -320,3 +323,12 @@ def precision(work: Path, cpu: bool) -> dict:
              for r in rows if r["precision"] != "fp32"]
     return {"ok": True, "summary": "; ".join(parts) + f". Fastest keeping >= 45 dB in {len(phases)} phases: {best} "
             f"(default: {TRAIN_DEFAULTS['precision']})", "rows": rows, "fastest_ok": best}
+
+
+def discriminators(work: Path, cpu: bool) -> dict:
+    from . import bench
+    rows = bench.discriminators(**_preset_args(work, cpu), steps=1, rounds=2, cache_hours=0.02 if cpu else 0.05,
+                                work=work / "bench", crops=(0.25,) if cpu else (1.0, 0.5))
+    parts = [f"{r['phase']} {r['variant']}{' (preset)' if r['preset'] else ''}: {bench._num(r['audio_s_per_s'])} "
+             f"audio s/s ({r['vs_two_passes']:.2f}x)" for r in rows]
+    return {"ok": True, "summary": "; ".join(parts), "rows": rows}

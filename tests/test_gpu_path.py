@@ -238,3 +238,18 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(monkeypatch, capsys, tmp_pat
     out = " ".join(capsys.readouterr().out.split())
     assert "gpu-check needs a CUDA device" in out and "nothing was checked" in out
     assert not (tmp_path / "results").exists()
+
+
+def test_bench_discriminators_measures_each_lever_alone(tmp_path):
+    """`bench discriminators` (a gpu-check step) on the check's toy sizes: per phase with
+    discriminators, the two-pass whole-segment step, then one lever at a time (one pass; windows
+    shorter than a segment only), the preset's own variant marked. Figures, no timing asserted."""
+    from pipeline import bench, gpucheck
+    from pipeline.training.discriminators import Adversarial
+    rows = bench.discriminators(**gpucheck._preset_args(tmp_path, cpu=True), steps=1, rounds=1, cache_hours=0.01,
+                                work=tmp_path / "bench", crops=(0.25, 30.0))
+    assert [r["variant"] for r in rows] == ["two passes, whole segments", "one pass, whole segments",
+                                            "two passes, 0.25 s windows"] and not Adversarial.joint
+    assert {r["phase"] for r in rows} == {"full"} and rows[0]["vs_two_passes"] == 1.0
+    assert [r["preset"] for r in rows] == [True, False, False]        # toy segments: 0.5 s, no shorter than the preset's window
+    assert all(r["audio_s_per_s"] > 0 for r in rows)
