@@ -234,6 +234,8 @@ def test_lora_wraps_and_merges_on_mimi48(codec):
     model = mimi48(codec)
     keys, codes = set(model.state_dict()), random_codes(1, 4, seed=6)
     before = model.decode(codes)
+    with pytest.raises(ValueError, match=r"e\.g\. 'decoder_transformer\.layers\.0\.self_attn\.\*'"):     # its example is this model's own
+        apply_lora(model, LoRAConfig(targets=["decoder.model.*"]))                 # (a SNAC name)
     wrapped = apply_lora(model, LoRAConfig(rank=2, alpha=4.0, targets=["upsample.*", "decoder_transformer.*", "decoder.*"]))
     names = set(wrapped)
     assert {f"decoder_transformer.layers.0.self_attn.{p}_proj" for p in "qkvo"} <= names

@@ -363,10 +363,11 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, adapter: str = "default") -> l
             unmatched.append(pat)
         matched += [c for c in hits if c not in matched]
     if unmatched:
+        names = sorted((c[0] for c in cands), key=lambda n: not n.startswith("decoder"))   # this model's own
         raise ValueError(
             f"LoRA target pattern(s) {unmatched} match no Linear/Conv1d/ConvTranspose1d module "
-            f"(patterns are fnmatch on qualified names, e.g. 'decoder.model.*'; "
-            f"some candidates: {[c[0] for c in cands[:5]]})")
+            f"(patterns are fnmatch on qualified names, e.g. '{names[0].rsplit('.', 1)[0] if names else 'decoder'}.*'; "
+            f"some candidates: {names[:5]})")
     wrapped = []
     for name, mod, parent, attr in matched:
         if isinstance(mod, (LoRALayer, FusedQKVLoRA)):
