@@ -646,21 +646,9 @@ def step_parts(t, batches, step: int) -> dict:
     t.opt.zero_grad(set_to_none=True)
     mark("start")
     for i in range(s["grad_accum"]):
-        (codes, target, mask), pad, _ = T.next_batch(t)
+        batch, pad, _ = T.next_batch(t)
         mark("batch to the device")
-        pred = t.decoder(t.model.latents(codes))
-        mark("decoder forward")
-        loss, _ = t.loss_fn(pred, target, pad)
-        mark("reconstruction losses")
-        if t.adv and t.adv.active(step):
-            seen = t.adv.crop(target, pred, mask, pad.lengths, key=(step, i))
-            t.adv.discriminator_step(*seen, part=(i, s["grad_accum"]))
-            mark("discriminators: their step")
-            g, _ = t.adv.generator_loss(*seen)
-            loss = loss + g
-            mark("discriminators: generator loss")
-        (loss / s["grad_accum"]).backward()
-        mark("backward")
+        T.micro_batch(t, step, i, batch, pad, mark)
     torch.nn.utils.clip_grad_norm_(t.trainable, s["grad_clip"] or float("inf"))
     t.opt.step()
     mark("gradient clip + optimizer")

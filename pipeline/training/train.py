@@ -4,7 +4,8 @@
       setup()                   one Trainer: setup_data -> setup_model -> setup_groups -> setup_run
                                 (device, precision, checkpointing) -> setup_adversarial ->
                                 setup_optimizer -> resume -> setup_loader
-      train_step()              one optimizer step over grad_accum micro-batches
+      train_step()              one optimizer step over grad_accum micro-batches, each a
+                                micro_batch(): forward, losses, discriminators, backward
       validate(), save()        held-out loss (evaluation precision), step checkpoint
       finish()                  phase outputs (+ LoRA file), the run marked finished
 
@@ -386,19 +387,8 @@ def train_step(t: Trainer, step: int) -> dict:
     t.opt.zero_grad(set_to_none=True)
     sums, counts, finite, seconds = {}, {}, None, 0.0    # term -> sum over the micro-batches (device tensors)
     for i in range(s["grad_accum"]):
-        (codes, target, mask), pad, real = next_batch(t)
-        # several processes: gradients are averaged on the last micro-batch's backward only
-        with t.decoder.no_sync() if t.group.world > 1 and i < s["grad_accum"] - 1 else nullcontext():
-            pred = t.decoder(t.model.latents(codes))
-            loss, terms = t.loss_fn(pred, target, pad)
-            if t.adv and t.adv.active(step):        # one discriminator step per optimizer step
-                seen = t.adv.crop(target, pred, mask, pad.lengths, key=(step, i, t.group.rank))   # what they see
-                terms.update(t.adv.discriminator_step(*seen, part=(i, s["grad_accum"])))
-                g, g_terms = t.adv.generator_loss(*seen)
-                loss, terms = loss + g, {**terms, **g_terms}
-            # backward even when not finite: every process runs the same collectives, and the NaN
-            # reaches the averaged gradient norm on every process, which then skips the step
-            (loss / s["grad_accum"]).backward()
+        batch, pad, real = next_batch(t)
+        loss, terms = micro_batch(t, step, i, batch, pad)
         finite = torch.isfinite(loss) if finite is None else finite & torch.isfinite(loss)
         seconds += real
         for k, v in {"loss": loss.detach(), **terms}.items():
@@ -427,6 +417,31 @@ def train_step(t: Trainer, step: int) -> dict:
         means = t.group.mean_terms({**{f"train/{k}": v / counts[k] for k, v in sums.items()}, "grad_norm": gnorm})
         record.update(means, **rates(t))
     return record
+
+
+def micro_batch(t: Trainer, step: int, i: int, batch, pad: Padding, mark=lambda part: None) -> tuple:
+    """Micro-batch i of the step: decoder forward, losses, the discriminators (their step, then the
+    generator's adversarial loss), backward. -> (loss, terms). `mark(part)` after each part (bench
+    step_parts times them)."""
+    s, (codes, target, mask) = t.s, batch
+    # several processes: gradients are averaged on the last micro-batch's backward only
+    with t.decoder.no_sync() if t.group.world > 1 and i < s["grad_accum"] - 1 else nullcontext():
+        pred = t.decoder(t.model.latents(codes))
+        mark("decoder forward")
+        loss, terms = t.loss_fn(pred, target, pad)
+        mark("reconstruction losses")
+        if t.adv and t.adv.active(step):        # one discriminator step per optimizer step
+            seen = t.adv.crop(target, pred, mask, pad.lengths, key=(step, i, t.group.rank))   # what they see
+            terms.update(t.adv.discriminator_step(*seen, part=(i, s["grad_accum"])))
+            mark("discriminators: their step")
+            g, g_terms = t.adv.generator_loss(*seen)
+            loss, terms = loss + g, {**terms, **g_terms}
+            mark("discriminators: generator loss")
+        # backward even when not finite: every process runs the same collectives, and the NaN
+        # reaches the averaged gradient norm on every process, which then skips the step
+        (loss / s["grad_accum"]).backward()
+        mark("backward")
+    return loss, terms
 
 
 def next_batch(t: Trainer):
