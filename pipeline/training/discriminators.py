@@ -143,7 +143,7 @@ class Adversarial:
     initialised from `seed` without touching the global RNG, so that enabling them changes
     nothing before `start_step`."""
     # whether the discriminators' step scores real and fake in one pass over both: no faster on 2
-    # CPU cores (0.96x, bench discriminators); a lever for the GPU to measure
+    # CPU cores (0.96x and 0.99x in two runs of bench discriminators); a lever for the GPU to measure
     joint = False
 
     def __init__(self, settings: dict, geometry, seed: int = 0):
