@@ -805,12 +805,34 @@ def band_snr(ref: torch.Tensor, x: torch.Tensor, rate: int, lo: float, hi: float
     return float(10 * torch.log10((R[..., k].abs() ** 2).sum() / ((R[..., k] - X[..., k]).abs() ** 2).sum()))
 
 
+def alternating(t, variants, use, steps: int, rounds: int) -> dict:
+    """Trainer t's train_step under each variant (`use(v)` switches to it): one warm-up step each
+    (cuDNN picks its kernels), then `rounds` rounds of `steps` steps, the variants in turn.
+    -> {variant: [seconds per step, one per round]}."""
+    from .training import train as T
+    times, step = {v: [] for v in variants}, 0
+    for v in variants:
+        use(v)
+        step += 1
+        T.train_step(t, step)
+    for _ in range(rounds):
+        for v in variants:
+            use(v)
+            _sync(t.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step += 1
+                T.train_step(t, step)
+            _sync(t.device)
+            times[v].append((time.perf_counter() - t0) / steps)
+    return times
+
+
 def precision(configfiles=("config/snac_24khz.yaml",), steps: int = 2, rounds: int = 2, cache_hours: float = 0.1,
               work: Path | None = None, overrides: dict | None = None, only=None) -> list:
     """Each precision (fp32, tf32, bf16) on each phase's training step, eager (so only the math
     differs), alternating rounds: seconds per optimizer step; and the 48 kHz output's SNR against
     IEEE fp32, whole band and codec Nyquist..target Nyquist (smart init, noise off)."""
-    from .training import train as T
     from .training.device import PRECISIONS, set_precision
 
     def use(p):                                           # the trainer's decoder path in precision p
@@ -827,21 +849,7 @@ def precision(configfiles=("config/snac_24khz.yaml",), steps: int = 2, rounds: i
                           adapter or "default")
         memory = itertools.repeat(_pinned(next(t.batches), t.device))
         t.batches, t.s = memory, {**t.s, "log_every": 10 ** 9}
-        times, step = {p: [] for p in PRECISIONS}, 0
-        for p in PRECISIONS:                                   # warm-up: cuDNN picks its kernels
-            use(p)
-            step += 1
-            T.train_step(t, step)
-        for _ in range(rounds):
-            for p in PRECISIONS:
-                use(p)
-                _sync(t.device)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    step += 1
-                    T.train_step(t, step)
-                _sync(t.device)
-                times[p].append((time.perf_counter() - t0) / steps)
+        times = alternating(t, PRECISIONS, use, steps, rounds)
         codes = [c[:4].to(t.device) for c in next(memory)[0]]
         out = {}
         t.model.train()
@@ -884,7 +892,6 @@ def discriminators(configfiles=("config/snac_24khz.yaml",), steps: int = 2, roun
     then fake) over whole segments, as one pass over both (Adversarial.joint), and over
     crop_seconds windows of each segment (`crops`, and the preset's own). -> seconds per
     optimizer step against the first."""
-    from .training import train as T
     from .training.discriminators import Adversarial
     work = Path(work or BENCH_DIR / "throughput")
     cfg, source, phases, codec_dir, shards = bench_setup(configfiles, work, cache_hours,
@@ -907,21 +914,7 @@ def discriminators(configfiles=("config/snac_24khz.yaml",), steps: int = 2, roun
 
         def use(v):
             t.adv.joint, t.adv.window = variants[v]
-        times, step = {v: [] for v in variants}, 0
-        for v in variants:                                     # warm-up: cuDNN picks its kernels
-            use(v)
-            step += 1
-            T.train_step(t, step)
-        for _ in range(rounds):
-            for v in variants:
-                use(v)
-                _sync(t.device)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    step += 1
-                    T.train_step(t, step)
-                _sync(t.device)
-                times[v].append((time.perf_counter() - t0) / steps)
+        times = alternating(t, variants, use, steps, rounds)
         first = statistics.median(times[next(iter(variants))])
         audio = t.s["batch_size"] * t.s["grad_accum"] * seg / rate
         for v, xs in times.items():
