@@ -981,8 +981,8 @@ def decode(model_path: str | None = None, preset: str = "snac_24khz", seconds: f
         def decode(self, codes):
             return self.codec.decode(codes)
 
-        def context(self):
-            return self.codec.context()
+        def context(self, side):
+            return self.codec.context(side)
 
     g = base.geometry
     q = g.quantum

@@ -87,6 +87,21 @@ def test_load_gives_the_model_in_eval_mode_with_noise_as_trained(model_dir):
         assert torch.equal(dec.decode([c[0] for c in codes]), dec.model.decode([c[:1] for c in codes]))  # 1-D: a clip
 
 
+def test_loading_a_decoder_never_runs_the_encoder(model_dir, monkeypatch):
+    """pipeline.load measures the decoder's reach (its stream needs it), not the encoder's: two
+    encoder passes per load were spent on nothing. Each side is measured once, when asked."""
+    from pipeline.model.codecs import snac
+    ran = []
+    for name, side in (("reach", "encoder"), ("decode_reach", "decoder")):
+        monkeypatch.setattr(snac, name, lambda *a, f=getattr(snac, name), side=side, **k: ran.append(side) or f(*a, **k))
+    dec = pipeline.load(model_dir, device="cpu")
+    assert ran == ["decoder"] and dec.model.context("decoder") == dec.context and ran == ["decoder"]
+    left, right = dec.model.context("encoder")
+    assert dec.model.context("encoder") == (left, right) and ran == ["decoder", "encoder"] and left == right > 0
+    with pytest.raises(ValueError, match="side must be"):
+        dec.model.context("both")
+
+
 def test_load_applies_a_lora_file(model_dir, tmp_path):
     from pipeline.model.lora import LoRAConfig, apply_lora, save_lora
     m = codecs.load_model(model_dir)

@@ -9,7 +9,7 @@ For random utterances and random segment offsets aligned to the coarsest stride:
   decoding    (noise off) decoding the codes around the segment reproduces the segment's part of
               the whole-utterance decode.
 "Around": the segment with the context the codec's encoder (or decoder) reads on either side
-(`codec.context()`, from the codec's family: measured for SNAC, from the transformer's window for
+(`codec.context(side)`, from the codec's family: measured for SNAC, from the transformer's window for
 Mimi, whose encoder looks only back), clipped to the utterance and aligned to whole quanta, so
 every code and sample compared was computed from all it depends on. The codec comes in as an
 object (the data code imports no model code): `cache-info --check --codec DIR` loads it and runs
@@ -62,7 +62,7 @@ def check_shard(shard, codec, n_checks: int = 8, seg_coarse: int | None = None, 
     fp, rng = shard.fingerprint, np.random.default_rng(seed)
     geo = shard.geometry
     strides, hop, hop_t, coarse, q = geo.strides, geo.hop, geo.hop_target, geo.coarsest, geo.quantum
-    ctx = codec.context()
+    ctx = {side: codec.context(side) for side in ("encoder", "decoder")}
     if seg_coarse is None:
         longest = max((shard.frames(i) for i in range(len(shard))), default=0) // coarse
         seg_coarse = max(1, min(INTERIOR_CODES, longest))

@@ -3,7 +3,7 @@
 Each chunk keeps `chunk` finest frames and sees the model's context before and after it, all
 multiples of `geo.quantum` (whole codes of the coarsest codebook, whole windows of a blocked
 attention), so every chunk is processed exactly as its part of the whole file would be. The
-context is the model's own (`model.context()`, from its codec family: SNAC's measured, two forward
+context is the model's own (`model.context(side)`, from its codec family: SNAC's measured, two forward
 passes; Mimi's from its transformer's window, which looks back only): how many finest frames
 before and after a frame its output depends on (encoder: audio -> latents; decoder: codes ->
 audio, which also gives streaming its left and right context). With that context a chunk's kept
@@ -48,7 +48,7 @@ class Chunker:
         self.model = model
         self.chunk = max(1, round(chunk_seconds * g.codec_rate / g.hop / q)) * q
         if context is None:
-            context = model.context()["encoder"], model.context()["decoder"]
+            context = model.context("encoder"), model.context("decoder")
         self.enc_context, self.dec_context = (tuple(int(c) for c in side) for side in context)
 
     def spans(self, frames: int, context: tuple):

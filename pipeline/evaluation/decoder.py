@@ -8,7 +8,7 @@
 
 The Decoder holds the model (`dec.model`: eval mode, noise blocks as trained) and uses only what
 every codec family offers (pipeline/model/codecs/base.py): `model.geometry` (rates, hop, strides,
-quantum, codebook size), `model.context()` and `model.decode(codes)`. Bad codes raise the `decode` command's one-line ValueErrors
+quantum, codebook size), `model.context("decoder")` and `model.decode(codes)`. Bad codes raise the `decode` command's one-line ValueErrors
 (pipeline/evaluation/codes.py). Outputs stay on the model's device.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Decoder:
     def __init__(self, model):
         self.model = model
         self.geometry = model.geometry
-        self.context = model.context()["decoder"]
+        self.context = model.context("decoder")
         """(left, right): finest frames of codes before and after a frame that its audio depends
         on (SNAC: measured from codes to audio, a few decodes of random codes, noise off; Mimi: its
         transformer's window back, the head's look-ahead forward)."""

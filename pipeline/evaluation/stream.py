@@ -2,7 +2,7 @@
 with no seams.
 
 The decoder's output at finest frame f depends on the codes of frames [f - left, f + right]
-(`model.context()["decoder"]`, from the codec family, in whole quanta). So after codes up to
+(`model.context("decoder")`, from the codec family, in whole quanta). So after codes up to
 frame n have arrived, the audio of frames before n - right is final: a push decodes the codes of
 [done - left, n) and returns the audio of [done, n - right), where `done` is what earlier pushes
 returned. Every decoded window starts and ends on quantum boundaries (whole coarsest codes, whole

@@ -7,7 +7,7 @@ A family module (snac.py, mimi.py) defines two classes and a few functions:
     `geometry_at(target_rate)` (pipeline.geometry.Geometry), `fingerprint(target_rate, format)`
     (what cached codes depend on), `encode(audio) -> codes` (frozen, inference mode),
     `latents(codes)` (the decoder path's input), `decode(codes)`, `noise_disabled()` (a nestable
-    context: deterministic decoding), `context()` (how far encoder and decoder look, in frames),
+    context: deterministic decoding), `context(side)` (how far the encoder or the decoder looks, in frames),
     `frozen_parts()` and FROZEN (parameter-name prefixes that never train: the codes keep their
     meaning), `save(folder)`;
   its 48 kHz model (a subclass; `Model48` below is its mixin)

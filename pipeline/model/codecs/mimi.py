@@ -29,7 +29,7 @@ Streaming is off: encode/decode call the submodules with no padding cache and no
 (`use_cache=False`), so every call decodes a whole utterance on its own. Mimi has no noise blocks:
 `noise_disabled()` is a no-op.
 
-Context (`context()`: how far encoder and decoder look, for alignment checks, chunked encoding and
+Context (`context(side)`: how far encoder and decoder look, for alignment checks, chunked encoding and
 streaming): both transformers look back num_hidden_layers x (sliding_window - 1) steps at twice
 the frame rate (kyutai/mimi: 8 x 249 steps = 996 frames = 80 s; the tiny test Mimi: 125 frames), a
 bound from the config; the convolutions' reach is measured (a few frames). Nothing looks ahead
@@ -223,19 +223,24 @@ class Mimi(Codec, Staged, nn.Module):
             out.append(Stage(name, layers[a] if b == a + 1 else nn.Sequential(*layers[a:b]), rate, bool(ups)))
         return out
 
-    def context(self) -> dict:
-        """{"encoder": (left, right), "decoder": (left, right)}: finest frames before and after a
-        frame that it depends on: the transformers' bound from the config plus the convolutions'
-        reach, measured once (the transformer left out: two forward passes each)."""
-        if getattr(self, "_context", None) is None:
+    def context(self, side: str) -> tuple[int, int]:
+        """(left, right): finest frames before and after a frame that `side` ("encoder" or
+        "decoder") depends on: the transformers' bound from the config plus the convolutions'
+        reach, measured once a side (the transformer left out: two forward passes)."""
+        known = self.__dict__.setdefault("_context", {})
+        if side not in known:
             c, dev = self.mimi_config, next(self.parameters()).device
             steps = round(c.encodec_frame_rate / c.frame_rate)         # transformer steps per frame (2)
             look_back = math.ceil(c.num_hidden_layers * (c.sliding_window - 1) / steps) + 1
-            convs = nn.Sequential(*(s.module for s in self.stages() if s.name != "decoder_transformer"))
-            enc = reach(lambda x: self.downsample(self.encoder(x)), 1, frame_hop(c), 1, dev)
-            dec = reach(convs, c.hidden_size, 1, 1, dev)
-            self._context = {"encoder": (enc[0] + look_back, enc[1]), "decoder": (dec[0] + look_back, dec[1])}
-        return self._context
+            if side == "encoder":
+                left, right = reach(lambda x: self.downsample(self.encoder(x)), 1, frame_hop(c), 1, dev)
+            elif side == "decoder":
+                convs = nn.Sequential(*(s.module for s in self.stages() if s.name != "decoder_transformer"))
+                left, right = reach(convs, c.hidden_size, 1, 1, dev)
+            else:
+                raise ValueError(f"context: side must be 'encoder' or 'decoder', got {side!r}")
+            known[side] = (left + look_back, right)
+        return known[side]
 
     def save(self, folder) -> Path:
         """What MimiModel.save_pretrained writes: config.json (model_type mimi) + model.safetensors."""

@@ -178,19 +178,22 @@ class Snac(Codec, SNAC):
             for b in blocks:
                 del b.forward
 
-    def context(self) -> dict:
-        """{"encoder": (left, right), "decoder": (left, right)}: finest frames of input before and
-        after a frame that it depends on (encoder: audio -> latents; decoder: codes -> audio), in
-        whole quanta, measured once (two forward passes each, noise off). SNAC's convolutions are
-        centred, so its reach is the same both ways: the larger measured side counts for both (a
-        side measured just under the floor stays covered)."""
-        if getattr(self, "_context", None) is None:
+    def context(self, side: str) -> tuple[int, int]:
+        """(left, right): finest frames of input before and after a frame that `side` depends on
+        ("encoder": audio -> latents; "decoder": codes -> audio), in whole quanta, measured once a
+        side (two forward passes, noise off: a decoder alone never runs the encoder). SNAC's
+        convolutions are centred, so its reach is the same both ways: the larger measured side
+        counts for both (a side measured just under the floor stays covered)."""
+        known = self.__dict__.setdefault("_context", {})
+        if side not in known:
             g, dev = self.geometry_at(self.sampling_rate), next(self.parameters()).device
             with self.noise_disabled():
-                both = {"encoder": reach(self.encoder, 1, g.hop, g.quantum, dev),
-                        "decoder": decode_reach(self.decode, g, dev)}
-            self._context = {k: (max(v),) * 2 for k, v in both.items()}
-        return self._context
+                measured = (reach(self.encoder, 1, g.hop, g.quantum, dev) if side == "encoder" else
+                            decode_reach(self.decode, g, dev) if side == "decoder" else None)
+            if measured is None:
+                raise ValueError(f"context: side must be 'encoder' or 'decoder', got {side!r}")
+            known[side] = (max(measured),) * 2
+        return known[side]
 
     def save(self, folder, official: bool = False) -> Path:
         """config.json + model.safetensors (official: pytorch_model.bin, SNAC's own layout)."""
