@@ -4,6 +4,7 @@ Snakemake that dies; and the precision split, schedules, accounting and target-r
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -83,10 +84,19 @@ def test_killed_run_resumes_under_other_runtime_knobs(small_cache, tmp_path, tmp
     knobs = dict(num_workers=1, log_every=1, ckpt_every=3, val_every=3, keep_best=2, activation_checkpointing=True,
                  compile=True)
     monkeypatch.setattr(D, "BACKEND", "eager")
+    # in a Snakemake working directory compiled kernels go to .snakemake/, shared by its jobs and
+    # kept across restarts (torch's default, /tmp, is the node's own); the user's choice wins
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path_factory.mktemp("workdir"))
+    Path(".snakemake").mkdir()
     state = run(small_cache, "warmup", {**s, **knobs}, tmp_path)
     out = capsys.readouterr().out
     assert "resuming warmup from" in out
-    assert "torch.compile (eager)" in (tmp_path / "preflight.json").read_text()
+    cache = str(Path(".snakemake/torchinductor").resolve())
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == cache
+    assert f"torch.compile (eager, kernels cached in {cache})" in (tmp_path / "preflight.json").read_text()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    assert D.compile_cache() == "/elsewhere"
     assert state["step"] == 8 and state["run"] == before
     assert same_weights(weights(tmp_path), straight(small_cache, tmp_path_factory, s))
 

@@ -40,7 +40,7 @@ from ..settings import EVAL_DEFAULTS, TRAIN_DEFAULTS, check_segment, run_setting
 from ..ui import console, progress
 from . import checkpoint, distributed
 from . import device as dev
-from .device import compile_in_place, compiled, copy_to, fp32_math, set_precision, use_compile
+from .device import compile_cache, compile_in_place, compiled, copy_to, fp32_math, set_precision, use_compile
 from .discriminators import Adversarial
 from .figures import tb_log_samples
 from .groups import lora_config, param_groups
@@ -287,10 +287,12 @@ def setup_run(s, model, group, device, pf: Preflight) -> tuple:
                f"TorchScript in the decoder's forward breaks the recomputation: {', '.join(sorted(set(scripted)))}")
     fast = use_compile(s["compile"], device)
     if fast:
+        cache = compile_cache()                       # before torch.compile settles on one
         decoder = compiled(decoder)
     pf.add("device / precision", True, f"{device} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
            f"{s['precision']}: {how}" + ("; activation checkpointing" if s["activation_checkpointing"] else "")
-           + (f"; torch.compile ({dev.BACKEND})" if fast else "") + "; validation in IEEE fp32")
+           + (f"; torch.compile ({dev.BACKEND}, kernels cached in {cache})" if fast else "")
+           + "; validation in IEEE fp32")
     return decoder, fast
 
 
